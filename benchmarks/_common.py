@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmark scripts: data paths, machine description, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SHARED = Path(os.environ.get("SPAMASK_SHARED", HERE.parent.parent / "shared")) / "data"
+DLPFC = SHARED / "dlpfc_donor3_paste2"
+
+
+def dlpfc_files() -> list[Path]:
+    files = sorted(DLPFC.glob("*.h5ad"))
+    if len(files) != 4:
+        sys.exit(f"the four DLPFC slices are not in {DLPFC}; set SPAMASK_SHARED")
+    return files
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"machine": machine(), **payload}
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"wrote {path}")
+    return path

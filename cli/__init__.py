@@ -1,0 +1,1 @@
+"""The ``spamask-integrate`` command line."""

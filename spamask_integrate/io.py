@@ -1,0 +1,386 @@
+"""Read spatial slices from several formats into one AnnData, validate them, write files atomically.
+
+Reads: ``.h5ad``; a 10x Visium output folder; a 10x ``.h5`` plus a coordinates CSV; a counts
+CSV/TSV (spots x genes) plus a coordinates CSV. Writes nothing on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .config import Keys
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".csv", ".tsv")
+_COORD_PAIRS = (
+    ("x", "y"),
+    ("pxl_col_in_fullres", "pxl_row_in_fullres"),
+    ("imagecol", "imagerow"),
+    ("col", "row"),
+    ("array_col", "array_row"),
+)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """One slice to read: its file or folder, an optional coordinates file, name and platform."""
+
+    path: Path
+    name: str
+    coordinates: Path | None = None
+    platform: str | None = None
+    label_key: str | None = None
+
+
+# ---------------------------------------------------------------------------- atomic writing
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    A crash or Ctrl-C inside the block deletes the temporary file, so ``path`` is either the old
+    file (or absent) or the complete new one, never half-written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix,
+                               dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- sources
+def _as_sources(sources: Any, label_key: str | None) -> list[SliceSource]:
+    """Turn a manifest path, a list of paths, tuples or dicts into :class:`SliceSource` objects."""
+    if isinstance(sources, (str, os.PathLike)):
+        path = Path(sources)
+        if path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file() and _looks_like_manifest(path):
+            return _read_manifest(path, label_key)
+        sources = [sources]
+    if not isinstance(sources, Sequence) or len(sources) == 0:
+        raise InputError("no slices given: pass a list of paths or a manifest file")
+    if len(sources) == 1 and isinstance(sources[0], (str, os.PathLike)):
+        only = Path(sources[0])
+        if only.suffix.lower() in (".yaml", ".yml") or (
+            only.suffix.lower() in (".csv", ".tsv") and only.is_file() and _looks_like_manifest(only)
+        ):
+            return _read_manifest(only, label_key)
+    out = []
+    for item in sources:
+        if isinstance(item, SliceSource):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.append(_source_from_row(item, base=Path.cwd(), where="source list"))
+        elif isinstance(item, tuple):
+            path, coords = item
+            out.append(SliceSource(Path(path), _default_name(Path(path)), Path(coords)))
+        else:
+            out.append(SliceSource(Path(item), _default_name(Path(item))))
+    return out
+
+
+def _default_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".h5ad", ".h5", ".csv.gz", ".tsv.gz", ".csv", ".tsv", ".txt"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _looks_like_manifest(path: Path) -> bool:
+    """A CSV/TSV is a manifest if its header has a ``path`` column (a counts table has genes)."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return True
+    try:
+        with open(path) as fh:
+            header = fh.readline()
+    except OSError:
+        return False
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    return "path" in [c.strip().strip('"') for c in header.split(sep)]
+
+
+def _read_manifest(path: Path, label_key: str | None) -> list[SliceSource]:
+    if not path.is_file():
+        raise InputError(f"{path}: manifest file not found")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+            rows = data.get("slices", data) if isinstance(data, dict) else data
+        else:
+            sep = "\t" if path.suffix.lower() == ".tsv" else ","
+            rows = pd.read_csv(path, sep=sep, dtype=str).to_dict("records")
+    except Exception as exc:  # yaml.YAMLError, pandas ParserError, UnicodeDecodeError
+        raise InputError(f"{path}: cannot parse manifest ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(rows, list) or not rows:
+        raise InputError(f"{path}: manifest lists no slices (expected rows with a 'path' column)")
+    return [_source_from_row(row, base=path.parent, where=f"{path} row {i + 1}")
+            for i, row in enumerate(rows)]
+
+
+def _source_from_row(row: Any, *, base: Path, where: str) -> SliceSource:
+    if isinstance(row, str):
+        row = {"path": row}
+    if not isinstance(row, dict) or not row.get("path") or pd.isna(row.get("path")):
+        raise InputError(f"{where}: missing 'path'")
+    clean = {k: (None if (v is None or (isinstance(v, float) and np.isnan(v))) else v)
+             for k, v in row.items()}
+
+    def resolve(p: Any) -> Path | None:
+        if p is None:
+            return None
+        p = Path(str(p)).expanduser()
+        return p if p.is_absolute() else base / p
+
+    path = resolve(clean["path"])
+    name = clean.get("slice") or clean.get("name") or _default_name(path)
+    return SliceSource(path, str(name), resolve(clean.get("coordinates")),
+                       clean.get("platform"), clean.get("label_key"))
+
+
+# ---------------------------------------------------------------------------- readers
+def _read_one(src: SliceSource) -> ad.AnnData:
+    path = src.path
+    if not path.exists():
+        raise InputError(f"{path}: file not found (slice {src.name!r})")
+    try:
+        if path.is_dir():
+            adata = _read_visium_dir(path)
+        elif path.name.lower().endswith(".h5ad"):
+            adata = ad.read_h5ad(path)
+            if Keys.COUNTS in adata.layers:
+                adata.X = adata.layers[Keys.COUNTS]
+        elif path.suffix.lower() == ".h5":
+            import scanpy as sc
+
+            adata = sc.read_10x_h5(path)
+        elif path.name.lower().endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz")):
+            sep = "\t" if ".tsv" in path.name.lower() or path.suffix == ".txt" else ","
+            table = pd.read_csv(path, sep=sep, index_col=0)
+            adata = ad.AnnData(sp.csr_matrix(table.to_numpy(dtype=np.float32)),
+                               obs=pd.DataFrame(index=table.index.astype(str)),
+                               var=pd.DataFrame(index=table.columns.astype(str)))
+        else:
+            raise InputError(f"{path}: unknown format (use .h5ad, a Visium folder, .h5 or .csv/.tsv)")
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from exc
+    if src.coordinates is not None:
+        _attach_coordinates(adata, src.coordinates)
+    elif Keys.SPATIAL not in adata.obsm and not path.is_dir():
+        guess = _guess_coordinates(path)
+        if guess is not None:
+            _attach_coordinates(adata, guess)
+    return adata
+
+
+def _guess_coordinates(path: Path) -> Path | None:
+    stem = _default_name(path)
+    candidates = [path.parent / f"{stem}_coordinates.csv", path.parent / f"{stem}.coordinates.csv",
+                  path.parent / f"{stem}_spatial.csv"]
+    candidates += sorted((path.parent / "spatial").glob("tissue_positions*.csv"))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _read_visium_dir(folder: Path) -> ad.AnnData:
+    import scanpy as sc
+
+    matrices = sorted(folder.glob("*filtered_feature_bc_matrix.h5"))
+    if not matrices:
+        raise InputError(f"{folder}: no filtered_feature_bc_matrix.h5 in this Visium folder")
+    adata = sc.read_10x_h5(matrices[0])
+    positions = sorted((folder / "spatial").glob("tissue_positions*.csv"))
+    if not positions:
+        raise InputError(f"{folder}: no spatial/tissue_positions*.csv, so no spatial coordinates")
+    _attach_coordinates(adata, positions[0])
+    return adata
+
+
+def _read_coordinate_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(f"{path}: coordinates file not found")
+    try:
+        table = pd.read_csv(path, sep=None, engine="python")
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read coordinates ({exc})") from exc
+    if path.name.startswith("tissue_positions") and "in_tissue" not in table.columns:
+        # Space Ranger < 2.0 writes tissue_positions_list.csv without a header
+        table = pd.read_csv(path, header=None, names=[
+            "barcode", "in_tissue", "array_row", "array_col",
+            "pxl_row_in_fullres", "pxl_col_in_fullres"])
+    table = table.set_index(table.columns[0])
+    table.index = table.index.astype(str)
+    if "in_tissue" in table.columns:
+        table = table[table["in_tissue"].astype(int) == 1]
+    return table
+
+
+def _attach_coordinates(adata: ad.AnnData, path: Path) -> None:
+    table = _read_coordinate_table(path)
+    pair = next((p for p in _COORD_PAIRS if set(p) <= set(table.columns)), None)
+    if pair is None:
+        numeric = table.select_dtypes("number").columns
+        if len(numeric) != 2:
+            raise InputError(f"{path}: cannot find coordinate columns (name them 'x' and 'y')")
+        pair = tuple(numeric)
+    missing = adata.obs_names.difference(table.index)
+    keep = adata.obs_names.isin(table.index)
+    if keep.sum() == 0:
+        raise InputError(f"{path}: no barcode matches the counts ({len(missing)} unmatched)")
+    if "in_tissue" not in table.columns and len(missing):
+        raise InputError(f"{path}: {len(missing)} spots have no coordinates, e.g. {missing[0]!r}")
+    adata._inplace_subset_obs(keep)
+    table = table.loc[adata.obs_names]
+    for col in ("array_row", "array_col"):
+        if col in table.columns:
+            adata.obs[col] = table[col].to_numpy()
+    adata.obsm[Keys.SPATIAL] = table[list(pair)].to_numpy(dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------- validation
+def _validate_slice(adata: ad.AnnData, src: SliceSource, *, min_spots: int,
+                    label_key: str | None) -> None:
+    where = f"{src.path} (slice {src.name!r})"
+    if adata.n_obs == 0:
+        raise InputError(f"{where}: the slice is empty")
+    if adata.n_obs < min_spots:
+        raise InputError(
+            f"{where}: only {adata.n_obs} spots, fewer than the {min_spots} needed for the "
+            "neighbour graph; drop the slice or lower the neighbour count")
+    if Keys.SPATIAL not in adata.obsm:
+        raise InputError(f"{where}: obsm['spatial'] is missing and no coordinates CSV was given; "
+                         "add coordinates or a 'coordinates' column in the manifest")
+    coords = np.asarray(adata.obsm[Keys.SPATIAL])
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise InputError(f"{where}: obsm['spatial'] has shape {coords.shape}, expected (n_spots, 2)")
+    if not np.issubdtype(coords.dtype, np.number) or not np.isfinite(coords).all():
+        raise InputError(f"{where}: obsm['spatial'] holds NaN or infinite coordinates")
+    values = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
+    if values.size and not np.isfinite(values).all():
+        raise InputError(f"{where}: counts contain NaN or infinite values")
+    if values.size and values.min() < 0:
+        raise InputError(f"{where}: counts contain negative values (raw counts expected)")
+    dup = adata.obs_names[adata.obs_names.duplicated()]
+    if len(dup):
+        raise InputError(f"{where}: {len(dup)} duplicated barcodes, e.g. {dup[0]!r}")
+    key = src.label_key or label_key
+    if key is not None and key not in adata.obs.columns:
+        raise InputError(f"{where}: label column obs[{key!r}] not found "
+                         f"(columns: {', '.join(map(str, adata.obs.columns[:10])) or 'none'})")
+
+
+# ---------------------------------------------------------------------------- public API
+def read_slices(
+    sources: Any,
+    batch_key: str = Keys.BATCH,
+    label_key: str | None = None,
+    *,
+    join: str = "inner",
+    min_spots: int = 7,
+) -> ad.AnnData:
+    """Read one or several slices into one AnnData.
+
+    Parameters
+    ----------
+    sources
+        A list of paths (``.h5ad``, Visium folders, ``.h5`` or counts CSV/TSV with a coordinates
+        CSV beside them named ``<stem>_coordinates.csv``), ``(counts, coordinates)`` tuples or
+        dicts, or one manifest file (YAML or CSV) with a row per slice: ``path``, optional
+        ``slice``, ``coordinates``, ``platform``, ``label_key``.
+    batch_key
+        ``obs`` column that receives the slice names (categorical, input order).
+    label_key
+        Optional ground-truth column; every slice must have it (a manifest's ``label_key``
+        column may name a different column per slice; it is renamed to ``label_key``,
+        or ``"label"``).
+    join
+        ``"inner"`` keeps the genes shared by all slices; ``"outer"`` keeps all, zero-filled.
+    min_spots
+        Slices with fewer spots raise (the neighbour graph needs ``k + 1`` spots).
+
+    Returns
+    -------
+    AnnData with raw counts in ``X`` and ``layers["counts"]`` (CSR), ``obsm["spatial"]``,
+    ``obs[batch_key]``, obs names ``<slice>_<barcode>`` and ``uns["spamask"]["read"]``.
+    """
+    if join not in ("inner", "outer"):
+        raise InputError(f"join={join!r}: use 'inner' or 'outer'")
+    srcs = _as_sources(sources, label_key)
+    names = [s.name for s in srcs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"duplicated slice name(s): {', '.join(dup)}; give each slice its own name")
+    out_label = label_key or ("label" if any(s.label_key for s in srcs) else None)
+    slices = []
+    for src in srcs:
+        adata = _read_one(src)
+        _validate_slice(adata, src, min_spots=min_spots, label_key=label_key)
+        slices.append(_normalise_slice(adata, src, batch_key=batch_key, out_label=out_label,
+                                       label_key=src.label_key or label_key))
+    return _join_slices(slices, srcs, batch_key=batch_key, join=join, label_key=out_label)
+
+
+def _normalise_slice(adata: ad.AnnData, src: SliceSource, *, batch_key: str,
+                     out_label: str | None, label_key: str | None) -> ad.AnnData:
+    adata.var_names_make_unique()
+    x = adata.X if sp.issparse(adata.X) else sp.csr_matrix(np.asarray(adata.X))
+    x = sp.csr_matrix(x, dtype=np.float32)
+    obs = adata.obs.copy()
+    if label_key is not None and out_label is not None and label_key != out_label:
+        obs[out_label] = obs.pop(label_key)
+    obs.index = [f"{src.name}_{b}" for b in adata.obs_names]
+    obs[batch_key] = src.name
+    out = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
+    out.obsm[Keys.SPATIAL] = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)
+    return out
+
+
+def _join_slices(slices: list[ad.AnnData], srcs: list[SliceSource], *, batch_key: str,
+                 join: str, label_key: str | None) -> ad.AnnData:
+    all_genes = set().union(*(set(s.var_names) for s in slices))
+    joined = ad.concat(slices, join=join, merge="same", fill_value=0)
+    if joined.n_vars == 0:
+        raise InputError("the slices share no gene names: "
+                         + ", ".join(f"{s.name} ({a.n_vars} genes)" for s, a in zip(srcs, slices)))
+    joined.X = sp.csr_matrix(joined.X, dtype=np.float32)
+    joined.layers[Keys.COUNTS] = joined.X.copy()
+    joined.obs[batch_key] = pd.Categorical(joined.obs[batch_key], categories=[s.name for s in srcs])
+    if label_key is not None:
+        labels = joined.obs[label_key]
+        joined.obs[label_key] = labels.astype("category") if labels.dtype == object else labels
+    n_dropped = len(all_genes) - joined.n_vars
+    logger.info("read %d slices, %d spots; kept %d genes, dropped %d (join=%s)",
+                len(srcs), joined.n_obs, joined.n_vars, n_dropped, join)
+    joined.uns[Keys.UNS] = {"read": {
+        "sources": [str(s.path) for s in srcs],
+        "slices": [s.name for s in srcs],
+        "platforms": {s.name: s.platform or "unknown" for s in srcs},
+        "join": join,
+        "n_genes_kept": int(joined.n_vars),
+        "n_genes_dropped": int(n_dropped),
+        "batch_key": batch_key,
+        "label_key": label_key or "",
+    }}
+    return joined

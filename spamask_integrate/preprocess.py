@@ -1,0 +1,183 @@
+"""Joint preprocessing of many slices: gene filter, HVGs across batches, normalisation, PCA.
+
+The scaled matrix is never materialised: z-scoring (per slice or joint) is folded into a
+randomized PCA on the sparse normalised counts, so memory stays O(nnz + n_spots x n_comps).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+from .config import Keys
+from .errors import ConfigError, InputError
+from .utils import record, require_obs
+
+logger = logging.getLogger(__name__)
+
+
+def preprocess(
+    adata: ad.AnnData,
+    batch_key: str = Keys.BATCH,
+    n_top_genes: int | None = 5000,
+    n_comps: int | None = 200,
+    *,
+    min_cells: int = 50,
+    min_counts: int = 10,
+    target_sum: float = 1e6,
+    log1p: bool = False,
+    scale: bool = True,
+    scale_per_batch: bool = True,
+    seed: int = 42,
+    key_added: str = Keys.PCA,
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Select HVGs across slices, normalise and compute the model input.
+
+    Defaults follow the reference SpaMask "pca" mode (``spamask_reference.md`` section 1): genes in
+    fewer than ``min_cells`` spots or with fewer than ``min_counts`` counts are dropped;
+    ``seurat_v3`` HVGs on raw counts with ``batch_key`` as batch; CPM without log; per-slice
+    z-scoring; PCA-200 fitted jointly on all slices.
+
+    Parameters
+    ----------
+    n_top_genes
+        HVGs to keep (all genes when ``None`` or larger than the gene count).
+    n_comps
+        PCA dimensions; ``None`` puts the sparse normalised HVG matrix in ``obsm["X_hvg"]``.
+    scale_per_batch
+        z-score each slice on its own (as the reference) instead of all spots together.
+
+    Reads ``X`` or ``layers["counts"]`` (raw counts), ``obs[batch_key]``.
+    Writes ``layers["counts"]``, ``X`` (normalised), ``var["highly_variable"]``,
+    ``obsm[key_added]`` (or ``obsm["X_hvg"]``), ``uns["spamask"]["preprocess"]``.
+    """
+    require_obs(adata, batch_key)
+    if n_comps is not None and n_comps < 1:
+        raise ConfigError(f"n_comps={n_comps}: must be a positive integer or None")
+    if n_top_genes is not None and n_top_genes < 1:
+        raise ConfigError(f"n_top_genes={n_top_genes}: must be a positive integer or None")
+    adata = adata.copy() if copy else adata
+    counts = adata.layers[Keys.COUNTS] if Keys.COUNTS in adata.layers else adata.X
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    adata.layers[Keys.COUNTS] = counts
+    adata.X = counts.copy()
+
+    keep = _gene_filter(counts, min_cells, min_counts)
+    if keep.sum() == 0:
+        raise InputError(f"no gene passes min_cells={min_cells} and min_counts={min_counts}; "
+                         "lower them")
+    if keep.sum() < adata.n_vars:
+        logger.info("gene filter: %d of %d genes kept", keep.sum(), adata.n_vars)
+        adata._inplace_subset_var(keep)
+    hvg = _select_hvgs(adata, batch_key, n_top_genes)
+
+    x = _normalise(adata.X, target_sum, log1p)
+    adata.X = x
+    xh = x[:, hvg].tocsr()
+    params = {
+        "batch_key": batch_key, "n_top_genes": int(hvg.sum()), "min_cells": min_cells,
+        "min_counts": min_counts, "target_sum": float(target_sum), "log1p": bool(log1p),
+        "scale": bool(scale), "scale_per_batch": bool(scale_per_batch), "seed": seed,
+    }
+    if n_comps is None:
+        adata.obsm["X_hvg"] = xh.astype(np.float32)
+        params.update(n_comps=0, input_key="X_hvg")
+    else:
+        n_comps = min(n_comps, xh.shape[1] - 1, adata.n_obs - 1)
+        codes = adata.obs[batch_key].cat.codes.to_numpy() if scale_per_batch else None
+        scores, var_ratio = _scaled_pca(xh, codes, n_comps, scale=scale, seed=seed)
+        adata.obsm[key_added] = scores
+        adata.uns.setdefault("pca", {})["variance_ratio"] = var_ratio
+        params.update(n_comps=int(n_comps), input_key=key_added)
+    record(adata, "preprocess", params)
+    logger.info("preprocess: %d spots, %d HVGs -> obsm[%r]", adata.n_obs, hvg.sum(),
+                params["input_key"])
+    return adata if copy else None
+
+
+def _gene_filter(counts: sp.csr_matrix, min_cells: int, min_counts: int) -> np.ndarray:
+    n_cells = np.diff(counts.tocsc().indptr)
+    totals = np.asarray(counts.sum(axis=0)).ravel()
+    return (n_cells >= min_cells) & (totals >= min_counts)
+
+
+def _select_hvgs(adata: ad.AnnData, batch_key: str, n_top_genes: int | None) -> np.ndarray:
+    if n_top_genes is None or n_top_genes >= adata.n_vars:
+        adata.var["highly_variable"] = True
+        return np.ones(adata.n_vars, dtype=bool)
+    import scanpy as sc
+
+    try:
+        sc.pp.highly_variable_genes(adata, layer=Keys.COUNTS, flavor="seurat_v3",
+                                    n_top_genes=n_top_genes, batch_key=batch_key, subset=False)
+    except Exception as exc:  # skmisc loess failures on degenerate slices
+        raise InputError(f"seurat_v3 HVG selection failed across obs[{batch_key!r}]: {exc}") from exc
+    return adata.var["highly_variable"].to_numpy(dtype=bool)
+
+
+def _normalise(counts: sp.csr_matrix, target_sum: float, log1p: bool) -> sp.csr_matrix:
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    totals[totals == 0] = 1.0
+    x = sp.csr_matrix(sp.diags((target_sum / totals).astype(np.float32)) @ counts)
+    if log1p:
+        np.log1p(x.data, out=x.data)
+    return x
+
+
+def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, scale: bool,
+                seed: int, n_oversamples: int = 20, n_iter: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of the z-scored ``x`` (per group of ``codes``) without forming the dense matrix.
+
+    z = x * inv_sd[group] - mean[group] * inv_sd[group]; the operator is applied implicitly in a
+    seeded randomized SVD (Halko et al.), so the result is reproducible from ``seed``.
+    """
+    n, g = x.shape
+    codes = np.zeros(n, dtype=np.int64) if codes is None else np.asarray(codes, dtype=np.int64)
+    n_groups = int(codes.max()) + 1
+    ind = sp.csr_matrix((np.ones(n), (np.arange(n), codes)), shape=(n, n_groups))
+    sizes = np.asarray(ind.sum(axis=0)).ravel()
+    sizes[sizes == 0] = 1
+    mean = (ind.T @ x).toarray() / sizes[:, None]
+    sq = (ind.T @ x.multiply(x)).toarray() / sizes[:, None]
+    var = np.maximum(sq - mean**2, 0) * (sizes / np.maximum(sizes - 1, 1))[:, None]
+    inv_sd = np.ones_like(var)
+    if scale:
+        sd = np.sqrt(var)
+        inv_sd = np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1), 1.0)
+    xs = x.astype(np.float64).tocsr(copy=True)
+    rows = np.repeat(np.arange(n), np.diff(xs.indptr))
+    xs.data *= inv_sd[codes[rows], xs.indices]
+    shift = mean * inv_sd  # (n_groups, g)
+
+    def matmul(m: np.ndarray) -> np.ndarray:  # z @ m
+        return xs @ m - ind @ (shift @ m)
+
+    def rmatmul(m: np.ndarray) -> np.ndarray:  # z.T @ m
+        return xs.T @ m - shift.T @ (ind.T @ m)
+
+    rng = np.random.default_rng(seed)
+    k = min(n_comps + n_oversamples, g, n)
+    q, _ = np.linalg.qr(matmul(rng.standard_normal((g, k))))
+    for _ in range(n_iter):
+        q, _ = np.linalg.qr(rmatmul(q))
+        q, _ = np.linalg.qr(matmul(q))
+    b = rmatmul(q).T  # (k, g)
+    u_b, s, _ = np.linalg.svd(b, full_matrices=False)
+    u = q @ u_b[:, :n_comps]
+    s = s[:n_comps]
+    signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(n_comps)])
+    signs[signs == 0] = 1
+    scores = (u * s * signs).astype(np.float32)
+    total_var = _total_variance(xs, ind, shift)
+    return scores, (s**2 / max(total_var, 1e-12)).astype(np.float64)
+
+
+def _total_variance(xs: sp.csr_matrix, ind: sp.csr_matrix, shift: np.ndarray) -> float:
+    """Squared Frobenius norm of the implicit z matrix."""
+    cross = (ind.T @ xs).toarray()  # sum of xs rows per group
+    sizes = np.asarray(ind.sum(axis=0)).ravel()
+    return float(xs.multiply(xs).sum() - 2 * (cross * shift).sum() + (sizes[:, None] * shift**2).sum())

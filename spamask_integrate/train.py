@@ -1,0 +1,461 @@
+"""Training and inference of SpaMask: full-graph or neighbour-sampled minibatches, seeded.
+
+Every epoch re-seeds torch, numpy and DGL from ``(seed, rank, epoch)``, so an epoch can be
+replayed on its own (checkpoint resume, data-parallel ranks). Masked nodes, dropped edges and
+negative pairs are drawn here and handed to the pure modules of :mod:`spamask_integrate.model`.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import torch
+
+from .config import Keys, SpamaskConfig
+from .errors import ConfigError, InputError, ResourceError
+from .model import SpaMaskModule
+from .utils import record, require_obsm
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- seeding, device
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 31-bit seed derived from (seed, rank, epoch) (DGL takes a signed int)."""
+    return int(np.random.SeedSequence([int(seed), int(rank), int(epoch)]).generate_state(1)[0] >> 1)
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy, torch and DGL's samplers (the one global seeding point)."""
+    import dgl
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    dgl.seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; a CUDA request without CUDA raises."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ResourceError(f"device={device!r} but CUDA is not available; use device='cpu'")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------- graph helpers
+def gcn_norms(graph, deg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric GCN normalisation 1/sqrt(d_src d_dst) as (source, destination) node scales.
+
+    ``deg`` is the full graph's in-degree; for a sampled block it is indexed by ``dgl.NID`` and
+    each destination is rescaled by (full degree / sampled in-degree), an unbiased estimate of
+    the full neighbourhood sum that is exact when the fan-out cut nothing (as in inference).
+    """
+    import dgl
+
+    if graph.is_block:
+        d_src = deg[graph.srcdata[dgl.NID]].float()
+        d_dst = deg[graph.dstdata[dgl.NID]].float()
+        return d_src.rsqrt(), d_dst.rsqrt() * d_dst / graph.in_degrees().float().clamp(min=1)
+    d = (graph.in_degrees() if deg is None else deg).float().clamp(min=1).rsqrt()
+    return d, d
+
+
+class EdgeMasker:
+    """Draws the edges to hide from the encoder each step and the kept graph.
+
+    ``"undirected"``: a share of the undirected non-self pairs is dropped in both directions.
+    ``"reference"``: each directed edge (self-loops too) is dropped on its own and the kept
+    edges are made bidirected again, as in the reference code (most drops stay visible).
+    """
+
+    def __init__(self, graph, mode: str, rate: float):
+        src, dst = graph.edges()
+        self.n = graph.num_nodes()
+        self.mode, self.rate = mode, rate
+        self.src, self.dst = src, dst
+        self.device = src.device
+        forward = src < dst
+        self.pair_u, self.pair_v = src[forward], dst[forward]
+        if mode == "undirected":
+            self.fwd_eid = torch.nonzero(forward).squeeze(1)
+            self.bwd_eid = graph.edge_ids(self.pair_v, self.pair_u)
+        self.self_loops = torch.arange(self.n, device=self.device)
+
+    def draw(self):
+        """Return ``(kept_graph, positives)``: positives is a (2, m) tensor of hidden pairs."""
+        import dgl
+
+        if self.mode == "undirected":
+            n_pairs = self.pair_u.numel()
+            chosen = torch.randperm(n_pairs, device=self.device)[: int(round(self.rate * n_pairs))]
+            keep = torch.ones(self.src.numel(), dtype=torch.bool, device=self.device)
+            keep[self.fwd_eid[chosen]] = False
+            keep[self.bwd_eid[chosen]] = False
+            kept = dgl.graph((self.src[keep], self.dst[keep]), num_nodes=self.n)
+            return kept, torch.stack([self.pair_u[chosen], self.pair_v[chosen]])
+        drop = torch.rand(self.src.numel(), device=self.device) < self.rate
+        ks, kd = self.src[~drop], self.dst[~drop]
+        ids = torch.cat([ks * self.n + kd, kd * self.n + ks,
+                         self.self_loops * self.n + self.self_loops])
+        ids = torch.unique(ids)
+        kept = dgl.graph((ids // self.n, ids % self.n), num_nodes=self.n)
+        return kept, torch.stack([self.src[drop], self.dst[drop]])
+
+
+class NegativeSampler:
+    """Pairs (u, v) with v drawn uniformly from u's own slice, never an edge nor u itself."""
+
+    def __init__(self, graph, slice_codes: torch.Tensor, n_tries: int = 3):
+        self.graph = graph
+        codes = slice_codes.long()
+        order = torch.argsort(codes, stable=True)
+        counts = torch.bincount(codes)
+        self.order = order
+        self.start = torch.cumsum(counts, 0) - counts
+        self.count = counts
+        self.codes = codes
+        self.n_tries = n_tries
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        """Negative pairs for sources ``u``: a (2, m') tensor, m' <= len(u)."""
+        s = self.codes[u]
+        v = torch.empty_like(u)
+        todo = torch.ones_like(u, dtype=torch.bool)
+        for _ in range(self.n_tries):
+            idx = torch.nonzero(todo).squeeze(1)
+            if idx.numel() == 0:
+                break
+            off = (torch.rand(idx.numel(), device=u.device) * self.count[s[idx]]).long()
+            v[idx] = self.order[self.start[s[idx]] + off]
+            bad = (v[idx] == u[idx]) | self.graph.has_edges_between(u[idx], v[idx])
+            todo[idx] = bad
+        ok = ~todo
+        return torch.stack([u[ok], v[ok]])
+
+
+# ---------------------------------------------------------------------------- model object
+@dataclass
+class SpaMask:
+    """A trained (or untrained) SpaMask model: the module, its config and its history."""
+
+    config: SpamaskConfig
+    in_dim: int
+    input_key: str = Keys.PCA
+    history: dict[str, list[float]] = field(default_factory=lambda: {
+        "loss": [], "sce": [], "edge": [], "seconds": []})
+    module: SpaMaskModule | None = None
+
+    def __post_init__(self):
+        if self.module is None:
+            c = self.config
+            self.module = SpaMaskModule(
+                self.in_dim, c.hidden_dim, c.latent_dim, batch_norm=c.batch_norm,
+                edge_decoder_hidden=c.edge_decoder_hidden,
+                edge_decoder_dropout=c.edge_decoder_dropout, mask_mode=c.mask_mode)
+
+    def embed(self, adata: ad.AnnData, graph=None, *, batch_key: str = Keys.BATCH,
+              use_rep: str | None = None, key_added: str = Keys.EMB,
+              device: str | None = None) -> np.ndarray:
+        """Embed every spot of ``adata`` with the encoder on its full, unmasked graph.
+
+        ``obsm[use_rep]`` (default: the key the model was trained on) must be in the same
+        feature space as the training input. Writes ``obsm[key_added]`` and returns it.
+        """
+        use_rep = use_rep or self.input_key
+        x = _features(adata, use_rep)
+        if x.shape[1] != self.in_dim:
+            raise InputError(f"obsm[{use_rep!r}] has {x.shape[1]} columns; the model was "
+                             f"trained on {self.in_dim}")
+        graph = _graph_for(adata, graph, batch_key)
+        dev = resolve_device(device or self.config.device)
+        emb = inference(self.module, graph, x, dev, self.config.inference_batch_size)
+        adata.obsm[key_added] = emb
+        return emb
+
+    def save(self, path: str | Path) -> None:
+        """Write state dict, config and history to ``path`` atomically."""
+        from .io import atomic_write
+
+        payload = {"state_dict": self.module.state_dict(), "config": self.config.to_dict(),
+                   "in_dim": self.in_dim, "input_key": self.input_key,
+                   "history": self.history, "format": 1}
+        with atomic_write(path) as tmp:
+            torch.save(payload, tmp)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpaMask:
+        """Load a model written by :meth:`save` (on CPU; ``embed`` moves it as configured)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: model file not found")
+        try:
+            payload = torch.load(path, map_location="cpu")
+            model = cls(SpamaskConfig.from_dict(payload["config"]), int(payload["in_dim"]),
+                        payload["input_key"], payload.get("history", {}))
+            model.module.load_state_dict(payload["state_dict"])
+        except (KeyError, RuntimeError, EOFError, ValueError) as exc:
+            raise InputError(f"{path}: not a spamask-integrate model ({exc})") from exc
+        return model
+
+
+# ---------------------------------------------------------------------------- public API
+def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
+          config: SpamaskConfig | None = None, *, use_rep: str | None = None,
+          key_added: str = Keys.EMB, **overrides: Any) -> SpaMask:
+    """Train SpaMask on ``adata`` and write the embedding.
+
+    Parameters
+    ----------
+    graph
+        The spatial graph; ``None`` rebuilds it from ``obsp`` or builds the default one.
+    config
+        A :class:`SpamaskConfig`; keyword ``overrides`` (``epochs``, ``minibatch``, ``seed``,
+        ``device``, ...) replace single fields.
+    use_rep
+        Model input; default the key ``preprocess`` recorded (``"X_pca"``).
+
+    Reads ``obsm[use_rep]``, ``obs[batch_key]``. Writes ``obsm[key_added]`` and
+    ``uns["spamask"]["train"]`` (config, seed, versions, device, per-epoch losses, timings).
+    """
+    config = (config or SpamaskConfig()).replace(**overrides)
+    use_rep = use_rep or adata.uns.get(Keys.UNS, {}).get("preprocess", {}).get("input_key",
+                                                                                Keys.PCA)
+    x = _features(adata, use_rep)
+    graph = _graph_for(adata, graph, batch_key)
+    device = resolve_device(config.device)
+    minibatch = config.minibatch
+    if minibatch is None:
+        minibatch = adata.n_obs > config.minibatch_threshold
+    seed_all(config.seed)  # before the module exists: its initial weights follow the seed
+    model = SpaMask(config, x.shape[1], use_rep)
+    start = time.perf_counter()
+    trainer = Trainer(model, graph, x, device, minibatch=bool(minibatch))
+    trainer.fit()
+    train_seconds = time.perf_counter() - start
+    emb_start = time.perf_counter()
+    model.embed(adata, graph, batch_key=batch_key, key_added=key_added)
+    record(adata, "train", {
+        "config": config.to_dict(), "seed": config.seed, "device": str(device),
+        "mode": "minibatch" if minibatch else "full-graph", "input_key": use_rep,
+        "key_added": key_added, "epochs_run": len(model.history["loss"]),
+        "loss": np.asarray(model.history["loss"]), "sce": np.asarray(model.history["sce"]),
+        "edge": np.asarray(model.history["edge"]), "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / max(len(model.history["loss"]), 1),
+        "inference_seconds": time.perf_counter() - emb_start, "versions": versions(),
+    })
+    return model
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers."""
+    import dgl
+    import sklearn
+
+    from . import __version__
+
+    return {"spamask_integrate": __version__, "torch": torch.__version__, "dgl": dgl.__version__,
+            "numpy": np.__version__, "sklearn": sklearn.__version__,
+            "python": platform.python_version()}
+
+
+def _features(adata: ad.AnnData, key: str) -> np.ndarray:
+    require_obsm(adata, key, "run preprocess() first")
+    x = adata.obsm[key]
+    import scipy.sparse as sp
+
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise InputError(f"obsm[{key!r}] contains NaN or infinite values")
+    return x
+
+
+def _graph_for(adata: ad.AnnData, graph, batch_key: str):
+    from .graph import build_graph, to_dgl
+
+    if graph is None:
+        graph = to_dgl(adata, batch_key) if Keys.CONNECTIVITIES in adata.obsp else \
+            build_graph(adata, batch_key)
+    if graph.num_nodes() != adata.n_obs:
+        raise InputError(f"graph has {graph.num_nodes()} nodes but adata has {adata.n_obs} spots")
+    if "slice" not in graph.ndata:
+        from .utils import batch_codes
+
+        graph.ndata["slice"] = torch.from_numpy(batch_codes(adata, batch_key))
+    return graph
+
+
+# ---------------------------------------------------------------------------- the loops
+class Trainer:
+    """Runs the epochs of one model: full-graph or neighbour-sampled minibatches."""
+
+    def __init__(self, model: SpaMask, graph, x: np.ndarray, device: torch.device, *,
+                 minibatch: bool, rank: int = 0, world_size: int = 1):
+        self.model, self.config = model, model.config
+        self.device, self.minibatch, self.rank = device, minibatch, rank
+        self.world_size = world_size
+        self.module = model.module.to(device)
+        self.x = torch.from_numpy(x).to(device if not minibatch else "cpu")
+        self.graph = graph.to(device) if not minibatch else graph
+        self.deg = self.graph.in_degrees()
+        self.norm = gcn_norms(self.graph)
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.config.lr,
+                                          weight_decay=self.config.weight_decay)
+        self.masker = EdgeMasker(self.graph, self.config.edge_mask, self.config.edge_drop_rate)
+        self.negatives = NegativeSampler(self.graph, self.graph.ndata["slice"])
+        self.start_epoch = 0
+
+    def fit(self, callback=None) -> None:
+        """Train for ``config.epochs`` epochs (from ``start_epoch``), with progress and stopping."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        best, stale = np.inf, 0
+        bar = tqdm(range(self.start_epoch, c.epochs), desc="SpaMask", unit="epoch",
+                   disable=c.quiet or self.rank != 0, leave=False)
+        self.module.train()
+        for epoch in bar:
+            tic = time.perf_counter()
+            seed_all(epoch_seed(c.seed, epoch, self.rank))
+            sce, edge = self._minibatch_epoch(epoch) if self.minibatch else self._full_epoch()
+            loss = sce + c.lam * edge
+            seconds = time.perf_counter() - tic
+            for name, value in (("loss", loss), ("sce", sce), ("edge", edge), ("seconds", seconds)):
+                self.model.history.setdefault(name, []).append(float(value))
+            bar.set_postfix(loss=f"{loss:.4f}", sce=f"{sce:.4f}", edge=f"{edge:.4f}")
+            if callback is not None:
+                callback(epoch)
+            if c.patience:
+                if loss < best - c.min_delta:
+                    best, stale = loss, 0
+                else:
+                    stale += 1
+                    if stale >= c.patience:
+                        logger.info("early stop at epoch %d (loss %.4f)", epoch, loss)
+                        break
+        self.module.eval()
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+
+    def _full_epoch(self) -> tuple[float, float]:
+        c, g, x = self.config, self.graph, self.x
+        n = g.num_nodes()
+        masked = torch.zeros(n, dtype=torch.bool, device=x.device)
+        masked[torch.randperm(n, device=x.device)[: int(c.mask_rate * n)]] = True
+        w = self.norm
+        sce = self.module.gae_loss([g, g], [w, w], g, w, x, masked, masked, x, masked, c.alpha)
+        kept, pos = self.masker.draw()
+        pos = self._cap(pos, n)
+        neg = self.negatives(pos[0])
+        wk = gcn_norms(kept)
+        edge = self.module.edge_loss([kept, kept], [wk, wk], x, pos, neg)
+        self._step(sce + c.lam * edge)
+        return float(sce), float(edge)
+
+    def _cap(self, pos: torch.Tensor, n_nodes: int) -> torch.Tensor:
+        m = int(self.config.edge_pairs_per_node * n_nodes)
+        if m and pos.shape[1] > m:
+            pos = pos[:, torch.randperm(pos.shape[1], device=pos.device)[:m]]
+        return pos
+
+    def _loader(self, graph, nodes: torch.Tensor, fanouts, batch_size: int, shuffle: bool,
+                use_ddp: bool = False):
+        import dgl
+
+        sampler = dgl.dataloading.NeighborSampler(list(fanouts))
+        return dgl.dataloading.DataLoader(graph, nodes, sampler, batch_size=batch_size,
+                                          shuffle=shuffle, drop_last=False, use_ddp=use_ddp)
+
+    def _minibatch_epoch(self, epoch: int) -> tuple[float, float]:
+        import dgl
+
+        c, g, x = self.config, self.graph, self.x
+        n = g.num_nodes()
+        masked = torch.zeros(n, dtype=torch.bool)
+        masked[torch.randperm(n)[: int(c.mask_rate * n)]] = True
+        kept, pos = self.masker.draw()
+        kept_deg = kept.in_degrees()
+        order = torch.argsort(pos[0], stable=True)
+        pos = pos[:, order]
+        ptr = torch.cumsum(torch.bincount(pos[0], minlength=n), 0)
+        edge_sampler = dgl.dataloading.NeighborSampler(list(c.fanouts[:2]))
+        loader = self._loader(g, torch.arange(n), c.fanouts, c.batch_size, True,
+                              use_ddp=self.world_size > 1)
+        totals, n_batches = np.zeros(2), 0
+        for input_nodes, seeds, blocks in loader:
+            blocks = [b.to(self.device) for b in blocks]
+            w = [gcn_norms(b, self.deg.to(self.device)) for b in blocks]
+            mid = blocks[2].srcdata[dgl.NID].cpu()
+            x_in = x[input_nodes].to(self.device)
+            x_out = x[seeds].to(self.device)
+            m_in, m_mid, m_out = (masked[ids].to(self.device) for ids in (input_nodes, mid, seeds))
+            sce = self.module.gae_loss(blocks[:2], w[:2], blocks[2], w[2], x_in, m_in, m_mid,
+                                    x_out, m_out, c.alpha)
+            pos_b = self._cap(_rows_of(pos, ptr, seeds), seeds.numel())
+            neg_b = self.negatives(pos_b[0])
+            nodes, inverse = torch.unique(torch.cat([pos_b, neg_b], 1), return_inverse=True)
+            in2, _, blocks2 = edge_sampler.sample(kept, nodes)
+            blocks2 = [b.to(self.device) for b in blocks2]
+            w2 = [gcn_norms(b, kept_deg.to(self.device)) for b in blocks2]
+            m = pos_b.shape[1]
+            edge = self.module.edge_loss(blocks2, w2, x[in2].to(self.device),
+                                         inverse[:, :m].to(self.device),
+                                         inverse[:, m:].to(self.device))
+            self._step(sce + c.lam * edge)
+            totals += (float(sce), float(edge))
+            n_batches += 1
+        return tuple(totals / max(n_batches, 1))
+
+
+def _rows_of(pos: torch.Tensor, ptr: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """Columns of ``pos`` (sorted by source) whose source is in ``seeds``."""
+    ends = ptr[seeds]
+    starts = torch.cat([torch.zeros(1, dtype=ptr.dtype), ptr])[seeds]
+    lens = ends - starts
+    if lens.sum() == 0:
+        return pos[:, :0]
+    idx = torch.repeat_interleave(starts, lens) + (
+        torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens))
+    return pos[:, idx]
+
+
+@torch.no_grad()
+def inference(module: SpaMaskModule, graph, x: np.ndarray, device: torch.device,
+              batch_size: int) -> np.ndarray:
+    """Encoder output for every node, layer by layer over full neighbourhoods (bounded memory)."""
+    import dgl
+
+    module = module.to(device).eval()
+    graph = graph.to("cpu")
+    deg = graph.in_degrees()
+    sampler = dgl.dataloading.MultiLayerFullNeighborSampler(1)
+    nodes = torch.arange(graph.num_nodes())
+    h = torch.from_numpy(np.ascontiguousarray(x))
+    for i in range(module.encoder.n_layers):
+        out = None
+        loader = dgl.dataloading.DataLoader(graph, nodes, sampler, batch_size=batch_size,
+                                            shuffle=False, drop_last=False)
+        for input_nodes, seeds, blocks in loader:
+            block = blocks[0].to(device)
+            w = gcn_norms(block, deg.to(device))
+            hi = module.encoder.layer(i, block, h[input_nodes].to(device), w).cpu()
+            if out is None:
+                out = torch.empty(graph.num_nodes(), hi.shape[1])
+            out[seeds] = hi
+        h = out
+    return h.numpy()

@@ -1,0 +1,57 @@
+"""Small shared helpers: AnnData key checks and recording parameters in ``uns``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .config import Keys
+from .errors import InputError
+
+
+def require_obs(adata: ad.AnnData, key: str, *, categorical: bool = True) -> None:
+    """Raise :class:`InputError` unless ``obs[key]`` exists; make it categorical if asked."""
+    if key not in adata.obs.columns:
+        raise InputError(f"obs[{key!r}] not found (columns: "
+                         f"{', '.join(map(str, adata.obs.columns[:12])) or 'none'})")
+    if categorical and not isinstance(adata.obs[key].dtype, pd.CategoricalDtype):
+        adata.obs[key] = adata.obs[key].astype(str).astype("category")
+
+
+def require_obsm(adata: ad.AnnData, key: str, hint: str = "") -> None:
+    """Raise :class:`InputError` unless ``obsm[key]`` exists."""
+    if key not in adata.obsm:
+        have = ", ".join(adata.obsm.keys()) or "none"
+        raise InputError(f"obsm[{key!r}] not found (have: {have}){'; ' + hint if hint else ''}")
+
+
+def h5ad_safe(value: Any) -> Any:
+    """Convert ``value`` into something ``anndata.write_h5ad`` accepts (no None, no tuples)."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return {str(k): h5ad_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [h5ad_safe(v) for v in value]
+        if items and all(isinstance(v, (int, float, np.integer, np.floating)) for v in items):
+            return np.asarray(items)
+        if items and all(isinstance(v, str) for v in items):
+            return np.asarray(items, dtype=object)
+        return {str(i): v for i, v in enumerate(items)} if items else np.asarray([])
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    return value
+
+
+def record(adata: ad.AnnData, step: str, params: dict[str, Any]) -> None:
+    """Store ``params`` under ``uns["spamask"][step]`` in an h5ad-writable form."""
+    adata.uns.setdefault(Keys.UNS, {})[step] = h5ad_safe(params)
+
+
+def batch_codes(adata: ad.AnnData, batch_key: str) -> np.ndarray:
+    """Integer code of each spot's slice (0..n_slices-1), in category order."""
+    require_obs(adata, batch_key)
+    return adata.obs[batch_key].cat.codes.to_numpy().astype(np.int64)

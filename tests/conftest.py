@@ -1,0 +1,58 @@
+"""Shared fixtures: small synthetic slices, and the real data in ../shared when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import spamask_integrate as si
+
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DLPFC = SHARED / "dlpfc_donor3_paste2"
+
+requires_dlpfc = pytest.mark.skipif(
+    len(list(DLPFC.glob("*.h5ad"))) != 4,
+    reason=f"shared DLPFC slices not found in {DLPFC} (../shared/data is absent)",
+)
+
+
+@pytest.fixture
+def tiny_slices():
+    """Two synthetic slices of 300 spots, 120 genes, 4 domains, with a slice effect."""
+    return si.datasets.synthetic_slices(2, 300, 120, 4, batch_effect=0.5, seed=1)
+
+
+@pytest.fixture
+def tiny_prepped(tiny_slices):
+    """``tiny_slices`` preprocessed to a 20-d PCA, with its kNN graph."""
+    si.preprocess(tiny_slices, n_top_genes=None, n_comps=20, min_cells=5)
+    graph = si.build_graph(tiny_slices, k=6)
+    return tiny_slices, graph
+
+
+def write_h5ad_slices(adata, folder: Path, batch_key: str = "slice") -> list[Path]:
+    """Write each slice of ``adata`` as its own .h5ad with raw barcodes; return the paths."""
+    paths = []
+    for name in adata.obs[batch_key].cat.categories:
+        part = adata[adata.obs[batch_key] == name].copy()
+        part.obs_names = [n.split("_", 1)[1] for n in part.obs_names]
+        del part.obs[batch_key]
+        part.layers = {}
+        part.uns = {}
+        path = folder / f"{name}.h5ad"
+        part.write_h5ad(path)
+        paths.append(path)
+    return paths
+
+
+def assert_symmetric(graph) -> None:
+    src, dst = (t.numpy() for t in graph.edges())
+    n = graph.num_nodes()
+    fwd = np.unique(src.astype(np.int64) * n + dst)
+    bwd = np.unique(dst.astype(np.int64) * n + src)
+    assert np.array_equal(fwd, bwd)

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+import spamask_integrate as si
+from conftest import assert_symmetric
+
+
+def _cross(graph):
+    src, dst = graph.edges()
+    s = graph.ndata["slice"]
+    return int((s[src] != s[dst]).sum())
+
+
+def test_block_diagonal_symmetric_self_loops(tiny_slices):
+    g = si.build_graph(tiny_slices, k=6)
+    assert g.num_nodes() == tiny_slices.n_obs
+    assert_symmetric(g)
+    assert bool(g.has_edges_between(np.arange(g.num_nodes()), np.arange(g.num_nodes())).all())
+    assert _cross(g) == 0
+    assert g.in_degrees().min() >= 7  # k neighbours + self
+    info = tiny_slices.uns["spamask"]["graph"]
+    assert set(info["edges_per_slice"]) == {"slice0", "slice1"}
+    assert info["cross_slice_edges"] == 0
+    adj = tiny_slices.obsp["spamask_connectivities"]
+    assert (adj != adj.T).nnz == 0 and adj.diagonal().sum() == 0
+
+
+def test_knn_neighbours_are_nearest(tiny_slices):
+    si.build_graph(tiny_slices, k=4)
+    adj = tiny_slices.obsp["spamask_connectivities"].tocsr()
+    xy = tiny_slices.obsm["spatial"]
+    i = 17
+    nbrs = adj[i].indices
+    d = np.linalg.norm(xy[:300] - xy[i], axis=1)
+    nearest = set(np.argsort(d)[1:5])
+    assert nearest <= set(nbrs)
+
+
+def test_radius_graph(tiny_slices):
+    g = si.build_graph(tiny_slices, method="radius", radius=1.6)
+    assert_symmetric(g)
+    assert _cross(g) == 0
+    src, dst = (t.numpy() for t in g.edges())
+    xy = tiny_slices.obsm["spatial"]
+    assert np.linalg.norm(xy[src] - xy[dst], axis=1).max() <= 1.6 + 1e-9
+
+
+def test_platform_preset_visium(tiny_slices):
+    si.build_graph(tiny_slices, platform="visium")
+    assert tiny_slices.uns["spamask"]["graph"]["k"]["slice0"] == 6
+
+
+def test_cross_slice_hook(tiny_slices):
+    g = si.build_graph(tiny_slices, k=6, extra_edges=(np.array([0, 1]), np.array([300, 301])))
+    assert_symmetric(g)
+    assert _cross(g) == 4
+    assert tiny_slices.uns["spamask"]["graph"]["cross_slice_edges"] == 4
+
+
+def test_non_contiguous_slices_keep_anndata_order(tiny_slices):
+    perm = np.random.default_rng(0).permutation(tiny_slices.n_obs)
+    shuffled = tiny_slices[perm].copy()
+    g = si.build_graph(shuffled, k=6)
+    assert _cross(g) == 0
+    assert np.array_equal(g.ndata["slice"].numpy(), shuffled.obs["slice"].cat.codes.to_numpy())
+
+
+def test_to_dgl_roundtrip(tiny_slices):
+    g = si.build_graph(tiny_slices, k=6)
+    g2 = si.to_dgl(tiny_slices)
+    assert g2.num_edges() == g.num_edges()
+
+
+def test_errors(tiny_slices):
+    with pytest.raises(si.ConfigError, match="method"):
+        si.build_graph(tiny_slices, method="delaunay")
+    with pytest.raises(si.ConfigError, match="radius"):
+        si.build_graph(tiny_slices, method="radius")
+    small = tiny_slices[:305].copy()
+    with pytest.raises(si.InputError, match="slice1"):
+        si.build_graph(small, k=6)
+    with pytest.raises(si.InputError, match="obs\\['sample'\\]"):
+        si.build_graph(tiny_slices, batch_key="sample")

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import spamask_integrate as si
+
+
+def test_pca_matches_dense_per_slice_scaling(tiny_slices):
+    si.preprocess(tiny_slices, n_top_genes=None, n_comps=10, min_cells=1, min_counts=1)
+    x = tiny_slices.X.toarray()
+    z = np.zeros_like(x, dtype=np.float64)
+    for s in ("slice0", "slice1"):
+        m = (tiny_slices.obs["slice"] == s).to_numpy()
+        sd = x[m].std(axis=0, ddof=1)
+        sd[sd == 0] = 1
+        z[m] = (x[m] - x[m].mean(axis=0)) / sd
+    u, s, _ = np.linalg.svd(z, full_matrices=False)
+    expected = u[:, :10] * s[:10]
+    got = tiny_slices.obsm["X_pca"]
+    assert got.shape == (600, 10) and got.dtype == np.float32
+    # 4 domains give 3 signal components; past them the noise spectrum is flat, where a
+    # randomized SVD is exact only to ~1% in the singular values
+    assert np.allclose(np.linalg.norm(got, axis=0)[:3], s[:3], rtol=1e-4)
+    assert np.allclose(np.linalg.norm(got, axis=0), s[:10], rtol=1e-2)
+    for j in range(3):  # the leading, well separated components agree up to sign
+        assert abs(np.corrcoef(expected[:, j], got[:, j])[0, 1]) > 0.999
+
+
+def test_hvgs_records_and_counts(tiny_slices):
+    raw = tiny_slices.X.copy()
+    si.preprocess(tiny_slices, n_top_genes=50, n_comps=15, min_cells=5, log1p=True)
+    assert tiny_slices.var["highly_variable"].sum() == 50
+    assert (tiny_slices.layers["counts"] != raw[:, :tiny_slices.n_vars]).nnz == 0 or \
+        tiny_slices.layers["counts"].shape[1] <= raw.shape[1]
+    params = tiny_slices.uns["spamask"]["preprocess"]
+    assert params["n_top_genes"] == 50 and params["log1p"] is True and params["n_comps"] == 15
+    assert tiny_slices.obsm["X_pca"].shape == (600, 15)
+
+
+def test_hvg_input_stays_sparse(tiny_slices):
+    si.preprocess(tiny_slices, n_top_genes=40, n_comps=None, min_cells=5)
+    assert sp.issparse(tiny_slices.obsm["X_hvg"])
+    assert tiny_slices.obsm["X_hvg"].shape == (600, 40)
+    assert tiny_slices.uns["spamask"]["preprocess"]["input_key"] == "X_hvg"
+
+
+def test_deterministic(tiny_slices):
+    b = tiny_slices.copy()
+    si.preprocess(tiny_slices, n_top_genes=None, n_comps=10, min_cells=5, seed=3)
+    si.preprocess(b, n_top_genes=None, n_comps=10, min_cells=5, seed=3)
+    assert np.array_equal(tiny_slices.obsm["X_pca"], b.obsm["X_pca"])
+
+
+def test_errors(tiny_slices):
+    with pytest.raises(si.InputError, match="min_cells"):
+        si.preprocess(tiny_slices.copy(), min_cells=10_000)
+    with pytest.raises(si.InputError, match="obs\\['batch'\\]"):
+        si.preprocess(tiny_slices.copy(), batch_key="batch")
+    with pytest.raises(si.ConfigError, match="n_comps"):
+        si.preprocess(tiny_slices.copy(), n_comps=0)
