@@ -7,10 +7,12 @@ negative pairs are drawn here and handed to the pure modules of :mod:`spamask_in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,62 @@ def resolve_device(device: str) -> torch.device:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ResourceError(f"device={device!r} but CUDA is not available; use device='cpu'")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def _quiet_dgl_loader():
+    """Hide DGL's per-iteration advice about CPU affinity (it is not actionable here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*CPU affinity.*")
+        yield
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """DGL's CPU neighbour sampling draws per OpenMP thread, so with several threads the
+    same seed gives different samples; one thread makes it reproducible (and costs little)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def neighbor_sampler(fanouts):
+    """A ``dgl.dataloading.NeighborSampler`` whose draws follow ``dgl.seed`` exactly."""
+    import dgl
+
+    class _Sampler(dgl.dataloading.NeighborSampler):
+        def sample_blocks(self, g, seed_nodes, exclude_eids=None):
+            with _one_thread():
+                return super().sample_blocks(g, seed_nodes, exclude_eids)
+
+    return _Sampler(list(fanouts))
+
+
+def full_block(graph, dst: torch.Tensor):
+    """The block of all in-edges of the nodes ``dst``, built in a fixed order.
+
+    DGL's full-neighbour sampler orders a block's edges differently from call to call, which
+    changes float sums; here edges are sorted by (dst, src) and source nodes listed as ``dst``
+    first, then new sources in ascending id, so inference is bit-for-bit repeatable.
+    """
+    import dgl
+
+    src, dst_e = graph.in_edges(dst)
+    extra = torch.unique(src)
+    extra = extra[~torch.isin(extra, dst)]
+    src_nodes = torch.cat([dst, extra])
+    local = torch.full((graph.num_nodes(),), -1, dtype=torch.int64)
+    local[src_nodes] = torch.arange(src_nodes.numel())
+    s_loc, d_loc = local[src], local[dst_e]
+    order = torch.argsort(d_loc * src_nodes.numel() + s_loc)
+    block = dgl.create_block((s_loc[order], d_loc[order]), num_src_nodes=src_nodes.numel(),
+                             num_dst_nodes=dst.numel())
+    block.srcdata[dgl.NID] = src_nodes
+    block.dstdata[dgl.NID] = dst
+    return block
 
 
 # ---------------------------------------------------------------------------- graph helpers
@@ -327,7 +385,8 @@ class Trainer:
         for epoch in bar:
             tic = time.perf_counter()
             seed_all(epoch_seed(c.seed, epoch, self.rank))
-            sce, edge = self._minibatch_epoch(epoch) if self.minibatch else self._full_epoch()
+            with _quiet_dgl_loader():
+                sce, edge = self._minibatch_epoch(epoch) if self.minibatch else self._full_epoch()
             loss = sce + c.lam * edge
             seconds = time.perf_counter() - tic
             for name, value in (("loss", loss), ("sce", sce), ("edge", edge), ("seconds", seconds)):
@@ -377,9 +436,10 @@ class Trainer:
                 use_ddp: bool = False):
         import dgl
 
-        sampler = dgl.dataloading.NeighborSampler(list(fanouts))
+        sampler = neighbor_sampler(fanouts)
         return dgl.dataloading.DataLoader(graph, nodes, sampler, batch_size=batch_size,
-                                          shuffle=shuffle, drop_last=False, use_ddp=use_ddp)
+                                          shuffle=shuffle, drop_last=False, use_ddp=use_ddp,
+                                          use_prefetch_thread=False)
 
     def _minibatch_epoch(self, epoch: int) -> tuple[float, float]:
         import dgl
@@ -393,7 +453,7 @@ class Trainer:
         order = torch.argsort(pos[0], stable=True)
         pos = pos[:, order]
         ptr = torch.cumsum(torch.bincount(pos[0], minlength=n), 0)
-        edge_sampler = dgl.dataloading.NeighborSampler(list(c.fanouts[:2]))
+        edge_sampler = neighbor_sampler(c.fanouts[:2])
         loader = self._loader(g, torch.arange(n), c.fanouts, c.batch_size, True,
                               use_ddp=self.world_size > 1)
         totals, n_batches = np.zeros(2), 0
@@ -437,25 +497,28 @@ def _rows_of(pos: torch.Tensor, ptr: torch.Tensor, seeds: torch.Tensor) -> torch
 @torch.no_grad()
 def inference(module: SpaMaskModule, graph, x: np.ndarray, device: torch.device,
               batch_size: int) -> np.ndarray:
-    """Encoder output for every node, layer by layer over full neighbourhoods (bounded memory)."""
+    """Encoder output for every node, layer by layer over full neighbourhoods.
+
+    Each layer is computed for ``batch_size`` destination nodes at a time (as in DGL's GraphSAGE
+    example), so device memory stays bounded; host memory holds two (n, dim) matrices.
+    """
     import dgl
 
     module = module.to(device).eval()
     graph = graph.to("cpu")
     deg = graph.in_degrees()
-    sampler = dgl.dataloading.MultiLayerFullNeighborSampler(1)
-    nodes = torch.arange(graph.num_nodes())
+    n = graph.num_nodes()
+    blocks = [full_block(graph, torch.arange(i, min(i + batch_size, n)))
+              for i in range(0, n, batch_size)]
     h = torch.from_numpy(np.ascontiguousarray(x))
     for i in range(module.encoder.n_layers):
         out = None
-        loader = dgl.dataloading.DataLoader(graph, nodes, sampler, batch_size=batch_size,
-                                            shuffle=False, drop_last=False)
-        for input_nodes, seeds, blocks in loader:
-            block = blocks[0].to(device)
-            w = gcn_norms(block, deg.to(device))
-            hi = module.encoder.layer(i, block, h[input_nodes].to(device), w).cpu()
+        for block in blocks:
+            block = block.to(device)
+            norm = gcn_norms(block, deg.to(device))
+            hi = module.encoder.layer(i, block, h[block.srcdata[dgl.NID].cpu()].to(device), norm)
             if out is None:
-                out = torch.empty(graph.num_nodes(), hi.shape[1])
-            out[seeds] = hi
+                out = torch.empty(n, hi.shape[1])
+            out[block.dstdata[dgl.NID].cpu()] = hi.cpu()
         h = out
     return h.numpy()

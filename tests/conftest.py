@@ -23,8 +23,13 @@ requires_dlpfc = pytest.mark.skipif(
 
 @pytest.fixture
 def tiny_slices():
-    """Two synthetic slices of 300 spots, 120 genes, 4 domains, with a slice effect."""
-    return si.datasets.synthetic_slices(2, 300, 120, 4, batch_effect=0.5, seed=1)
+    """Two synthetic slices of 300 spots, 120 genes, 4 domains, with a slice effect.
+
+    Noisy enough that single spots are ambiguous (PCA + GMM reaches ARI ~0.15) while
+    neighbourhoods are not (SpaMask ~0.7).
+    """
+    return si.datasets.synthetic_slices(2, 300, 120, 4, batch_effect=0.5, noise=1.0,
+                                        marker_fold=1.6, seed=1)
 
 
 @pytest.fixture

@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+from sklearn.metrics import adjusted_rand_score
+from sklearn.mixture import GaussianMixture
+
+import spamask_integrate as si
+from spamask_integrate.model import SpaMaskModule, sce_loss
+from spamask_integrate.train import EdgeMasker, NegativeSampler, _rows_of, gcn_norms, inference
+
+FAST = dict(epochs=12, hidden_dim=32, latent_dim=16, edge_decoder_hidden=32, quiet=True)
+
+
+def test_mask_replaces_features():
+    module = SpaMaskModule(5, 8, 4)
+    with torch.no_grad():
+        module.mask_token.copy_(torch.arange(5.0))
+    x = torch.randn(6, 5) + 10
+    masked = torch.tensor([True, False, True, False, False, False])
+    out = module.mask_input(x, masked)
+    assert torch.equal(out[masked], module.mask_token.expand(2, 5))
+    assert torch.equal(out[~masked], x[~masked])
+    module.mask_mode = "reference"  # the reference adds the token: the input leaks through
+    ref = module.mask_input(x, masked)
+    assert torch.allclose(ref[masked], x[masked] + module.mask_token)
+
+
+def test_dropped_edges_hidden_in_both_directions(tiny_prepped):
+    _, g = tiny_prepped
+    torch.manual_seed(0)
+    kept, pos = EdgeMasker(g, "undirected", 0.3).draw()
+    assert pos.shape[1] > 0
+    assert not bool(kept.has_edges_between(pos[0], pos[1]).any())
+    assert not bool(kept.has_edges_between(pos[1], pos[0]).any())
+    assert bool((pos[0] != pos[1]).all())  # self-loops are never positives
+    n = g.num_nodes()
+    assert bool(kept.has_edges_between(torch.arange(n), torch.arange(n)).all())
+    n_pairs = int(((g.edges()[0] != g.edges()[1]).sum()) // 2)
+    assert pos.shape[1] == round(0.3 * n_pairs)
+    assert kept.num_edges() == g.num_edges() - 2 * pos.shape[1]
+
+
+def test_reference_edge_mask_leaks(tiny_prepped):
+    _, g = tiny_prepped
+    torch.manual_seed(0)
+    kept, pos = EdgeMasker(g, "reference", 0.3).draw()
+    visible = kept.has_edges_between(pos[0], pos[1]).float().mean()
+    assert visible > 0.5  # most "masked" directed edges stay visible through their reverse
+
+
+def test_negatives_stay_in_slice_and_are_not_edges(tiny_prepped):
+    _, g = tiny_prepped
+    torch.manual_seed(0)
+    u = torch.randint(0, g.num_nodes(), (5000,))
+    neg = NegativeSampler(g, g.ndata["slice"])(u)
+    assert neg.shape[1] > 4900
+    s = g.ndata["slice"]
+    assert bool((s[neg[0]] == s[neg[1]]).all())
+    assert not bool(g.has_edges_between(neg[0], neg[1]).any())
+    assert bool((neg[0] != neg[1]).all())
+
+
+def test_rows_of_selects_sources():
+    pos = torch.tensor([[0, 0, 2, 3, 3, 3], [5, 6, 7, 8, 9, 4]])
+    ptr = torch.cumsum(torch.bincount(pos[0], minlength=5), 0)
+    out = _rows_of(pos, ptr, torch.tensor([3, 1, 0]))
+    assert sorted(out.T.tolist()) == [[0, 5], [0, 6], [3, 4], [3, 8], [3, 9]]
+
+
+def test_sce_loss():
+    x = torch.randn(4, 3)
+    assert float(sce_loss(x, 2 * x, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(sce_loss(x, -x, 2.0)) == pytest.approx(4.0, rel=1e-5)
+
+
+def test_loss_decreases_and_domains_recovered(tiny_prepped):
+    adata, g = tiny_prepped
+    model = si.train(adata, g, epochs=60, seed=0, quiet=True)
+    loss = model.history["loss"]
+    assert np.mean(loss[-5:]) < 0.7 * np.mean(loss[:5])
+    emb = adata.obsm["X_spamask"]
+    assert emb.shape == (adata.n_obs, 256)
+    truth = adata.obs["ground_truth"]
+    emb10 = PCA(10, random_state=0).fit_transform(emb)
+    ari_emb = adjusted_rand_score(truth, GaussianMixture(4, random_state=0).fit_predict(emb10))
+    ari_pca = adjusted_rand_score(
+        truth, GaussianMixture(4, random_state=0).fit_predict(adata.obsm["X_pca"]))
+    assert ari_emb > 0.6 and ari_emb > ari_pca + 0.3
+    info = adata.uns["spamask"]["train"]
+    assert info["seed"] == 0 and info["device"] == "cpu" and len(info["loss"]) == 60
+    assert info["versions"]["dgl"] == "2.1.0"
+
+
+def test_cpu_determinism(tiny_prepped):
+    adata, g = tiny_prepped
+    si.train(adata, g, seed=7, key_added="a", **FAST)
+    si.train(adata, g, seed=7, key_added="b", **FAST)
+    si.train(adata, g, seed=8, key_added="c", **FAST)
+    assert np.array_equal(adata.obsm["a"], adata.obsm["b"])
+    assert not np.allclose(adata.obsm["a"], adata.obsm["c"])
+
+
+def test_minibatch_path(tiny_prepped):
+    adata, g = tiny_prepped
+    m1 = si.train(adata, g, minibatch=True, batch_size=128, seed=1, key_added="mb", **FAST)
+    assert adata.obsm["mb"].shape == (adata.n_obs, 16)
+    assert adata.uns["spamask"]["train"]["mode"] == "minibatch"
+    assert np.isfinite(m1.history["loss"]).all() and len(m1.history["loss"]) == 12
+    si.train(adata, g, minibatch=True, batch_size=128, seed=1, key_added="mb2", **FAST)
+    assert np.array_equal(adata.obsm["mb"], adata.obsm["mb2"])  # sampling is seeded too
+    si.train(adata, g, minibatch=False, seed=1, key_added="full", **FAST)
+    assert adata.uns["spamask"]["train"]["mode"] == "full-graph"
+    assert adata.obsm["full"].shape == (adata.n_obs, 16)
+
+
+def test_layerwise_inference_equals_full_graph_encoder(tiny_prepped):
+    adata, g = tiny_prepped
+    model = si.train(adata, g, seed=0, **FAST)
+    x = adata.obsm["X_pca"].astype(np.float32)
+    norm = gcn_norms(g)
+    with torch.no_grad():
+        full = model.module.eval().encoder([g, g], torch.from_numpy(x), [norm, norm]).numpy()
+    chunked = inference(model.module, g, x, torch.device("cpu"), batch_size=97)
+    assert np.allclose(full, chunked, atol=1e-5)
+
+
+def test_save_load_embed(tiny_prepped, tmp_path):
+    adata, g = tiny_prepped
+    model = si.train(adata, g, seed=0, **FAST)
+    model.save(tmp_path / "model.pt")
+    loaded = si.SpaMask.load(tmp_path / "model.pt")
+    assert loaded.config == model.config
+    emb = loaded.embed(adata, g, key_added="again")
+    assert np.array_equal(emb, adata.obsm["X_spamask"])
+    # a new slice embedded with the trained encoder
+    part = adata[adata.obs["slice"] == "slice1"].copy()
+    part.obs["slice"] = part.obs["slice"].cat.remove_unused_categories()
+    new = loaded.embed(part, si.build_graph(part, k=6))
+    assert new.shape == (300, 16) and np.isfinite(new).all()
+
+
+def test_bad_parameters(tiny_prepped, tmp_path):
+    adata, g = tiny_prepped
+    with pytest.raises(si.ConfigError, match="epochz"):
+        si.train(adata, g, epochz=3)
+    with pytest.raises(si.ConfigError, match="mask_rate"):
+        si.train(adata, g, mask_rate=1.5)
+    with pytest.raises(si.InputError, match="X_missing"):
+        si.train(adata, g, use_rep="X_missing")
+    with pytest.raises(si.InputError, match="model file not found"):
+        si.SpaMask.load(tmp_path / "none.pt")
+    if not torch.cuda.is_available():
+        with pytest.raises(si.ResourceError, match="CUDA"):
+            si.train(adata, g, device="cuda", **FAST)
