@@ -9,6 +9,11 @@ from .config import Keys, SpamaskConfig
 from .errors import ConfigError, DependencyError, InputError, ResourceError, SpamaskError
 from .graph import build_graph, to_dgl
 from .io import atomic_write, read_slices
+from .cluster import cluster, refine_labels
+from .integrate import integrate
+from .io import write_outputs
+from .metrics import evaluate
+from .pipeline import run
 from .preprocess import preprocess
 from .train import SpaMask, train
 
@@ -18,7 +23,8 @@ except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "ConfigError", "DependencyError", "InputError", "Keys", "ResourceError", "SpamaskConfig",
-    "SpaMask", "SpamaskError", "atomic_write", "build_graph", "datasets", "preprocess", "read_slices",
-    "to_dgl", "train",
+    "ConfigError", "DependencyError", "InputError", "Keys", "ResourceError", "SpaMask",
+    "SpamaskConfig", "SpamaskError", "atomic_write", "build_graph", "cluster", "datasets",
+    "evaluate", "integrate", "preprocess", "read_slices", "refine_labels", "run", "to_dgl",
+    "train", "write_outputs",
 ]

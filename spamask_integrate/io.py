@@ -62,6 +62,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -384,3 +385,67 @@ def _join_slices(slices: list[ad.AnnData], srcs: list[SliceSource], *, batch_key
         "label_key": label_key or "",
     }}
     return joined
+
+
+# ---------------------------------------------------------------------------- outputs
+def write_outputs(
+    adata: ad.AnnData,
+    out_dir: str | os.PathLike,
+    metrics: pd.DataFrame | None = None,
+    *,
+    batch_key: str = Keys.BATCH,
+    domain_key: str = Keys.DOMAIN,
+    figures: bool = True,
+    umap_rep: str | None = None,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write the results of a run into ``out_dir``; return the paths written.
+
+    Files: ``domains.csv`` (spot, slice, x, y, domain), ``metrics.csv`` and ``metrics.json``
+    (when ``metrics`` is given), PNG figures (``spatial_domains.png``, ``umap.png``,
+    ``scores.png``) and, last, ``integrated.h5ad``: its presence means the run finished. All
+    files are first written into a hidden staging folder inside ``out_dir`` and renamed into
+    place only when every one of them is complete; on any failure the staging folder is
+    removed, so ``out_dir`` never holds a partial result.
+    """
+    import json
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        xy = np.asarray(adata.obsm[Keys.SPATIAL])
+        table = pd.DataFrame({"spot": adata.obs_names, "slice": adata.obs[batch_key].to_numpy(),
+                              "x": xy[:, 0], "y": xy[:, 1],
+                              "domain": adata.obs[domain_key].to_numpy()})
+        table.to_csv(stage / "domains.csv", index=False)
+        if metrics is not None:
+            metrics.to_csv(stage / "metrics.csv", index=False)
+            (stage / "metrics.json").write_text(
+                json.dumps(metrics.to_dict(orient="records"), indent=1))
+        if figures:
+            _write_figures(adata, stage, metrics, batch_key, domain_key, umap_rep, seed)
+        adata.write_h5ad(stage / "integrated.h5ad")
+        names = sorted(p.name for p in stage.iterdir() if p.name != "integrated.h5ad")
+        written = {}
+        for name in names + ["integrated.h5ad"]:  # integrated.h5ad last: it marks completion
+            os.chmod(stage / name, 0o644)
+            os.replace(stage / name, out / name)
+            written[Path(name).stem] = out / name
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return written
+
+
+def _write_figures(adata, out: Path, metrics, batch_key, domain_key, umap_rep, seed):
+    from . import plot
+
+    figs = {"spatial_domains": lambda: plot.spatial_domains(adata, domain_key, batch_key)}
+    rep = umap_rep or next((k for k in (Keys.EMB_HARMONY, Keys.EMB) if k in adata.obsm), None)
+    if rep is not None:
+        figs["umap"] = lambda: plot.umap(adata, rep, (domain_key, batch_key), seed=seed)
+    if metrics is not None and len(metrics):
+        figs["scores"] = lambda: plot.scores(metrics)
+    for name, make in figs.items():
+        make().savefig(out / f"{name}.png", dpi=110, format="png")

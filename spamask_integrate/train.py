@@ -321,7 +321,8 @@ def versions() -> dict[str, str]:
 
     from . import __version__
 
-    return {"spamask_integrate": __version__, "torch": torch.__version__, "dgl": dgl.__version__,
+    return {"spamask_integrate": __version__, "torch": str(torch.__version__),
+            "dgl": str(dgl.__version__),
             "numpy": np.__version__, "sklearn": sklearn.__version__,
             "python": platform.python_version()}
 

@@ -1,0 +1,241 @@
+"""Spatial domains from an embedding: GMM (mclust-like, no R), k-means or Leiden, one joint
+clustering over all slices, optional estimate of K and spatial refinement within slices."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .config import Keys
+from .errors import ConfigError, InputError
+from .utils import batch_codes, record, require_obsm
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("gmm", "kmeans", "leiden")
+#: sklearn covariance type for each mclust model name
+MCLUST_MODELS = {"EEE": "tied", "VVV": "full", "VVI": "diag", "VII": "spherical"}
+
+
+def cluster(
+    adata: ad.AnnData,
+    n_domains: int | None = 7,
+    method: str = "gmm",
+    use_rep: str | None = None,
+    key_added: str = Keys.DOMAIN,
+    *,
+    batch_key: str = Keys.BATCH,
+    n_pcs: int = 30,
+    gmm_model: str = "EEE",
+    k_range: tuple[int, int] = (2, 15),
+    refine: bool = False,
+    max_fit: int = 200_000,
+    seed: int = 0,
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Cluster all slices jointly into spatial domains.
+
+    Parameters
+    ----------
+    n_domains
+        K, the number of domains; ``None`` estimates it by the GMM's BIC over ``k_range``.
+    method
+        ``"gmm"`` (Gaussian mixture; ``gmm_model`` "EEE" = one shared full covariance, as
+        mclust's EEE), ``"kmeans"`` or ``"leiden"`` (resolution searched to give exactly K).
+    use_rep
+        Embedding to cluster; default ``X_spamask_harmony`` if present, else ``X_spamask``.
+    n_pcs
+        The embedding is reduced to this many principal components first (as the reference).
+    refine
+        Relabel each spot by majority vote of its spatial neighbours in its own slice
+        (``obs[key_added + "_unrefined"]`` keeps the labels before).
+    max_fit
+        GMM and k-means are fitted on at most this many spots (a seeded sample) and predict
+        all, so a million spots cost minutes, not hours.
+
+    Reads ``obsm[use_rep]``; with ``refine``, ``obsp["spamask_connectivities"]`` or
+    ``obsm["spatial"]``. Writes ``obs[key_added]`` (categorical, K levels),
+    ``uns["spamask"]["cluster"]``.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r}: use one of {', '.join(METHODS)}")
+    if n_domains is not None and int(n_domains) < 2:
+        raise ConfigError(f"n_domains={n_domains}: must be at least 2")
+    if gmm_model not in MCLUST_MODELS:
+        raise ConfigError(f"gmm_model={gmm_model!r}: use one of {', '.join(MCLUST_MODELS)}")
+    if use_rep is None:
+        use_rep = Keys.EMB_HARMONY if Keys.EMB_HARMONY in adata.obsm else Keys.EMB
+    require_obsm(adata, use_rep, "train a model (and integrate) first")
+    if n_domains is not None and n_domains > adata.n_obs:
+        raise ConfigError(f"n_domains={n_domains}: more than the {adata.n_obs} spots")
+    adata = adata.copy() if copy else adata
+    x = reduce(adata.obsm[use_rep], n_pcs, seed)
+    params: dict = {"method": method, "use_rep": use_rep, "n_pcs": int(x.shape[1]), "seed": seed}
+    if n_domains is None:
+        n_domains, bic = estimate_k(x, k_range, gmm_model, seed, max_fit)
+        params.update(k_estimated=True, k_method="gmm-bic", k_range=list(k_range),
+                      bic=np.asarray(bic))
+        logger.info("cluster: K=%d estimated by BIC over %s", n_domains, k_range)
+    n_domains = int(n_domains)
+    if method == "gmm":
+        labels = _gmm(x, n_domains, gmm_model, seed, max_fit)
+        params["gmm_model"] = gmm_model
+    elif method == "kmeans":
+        labels = _kmeans(x, n_domains, seed, max_fit)
+    else:
+        labels, resolution = _leiden(x, n_domains, seed)
+        params["resolution"] = resolution
+    labels = _relabel_by_size(labels)
+    if refine:
+        adata.obs[f"{key_added}_unrefined"] = _categorical(labels, n_domains)
+        labels = refine_labels(adata, labels, batch_key=batch_key)
+    adata.obs[key_added] = _categorical(labels, n_domains)
+    params.update(n_domains=n_domains, refine=bool(refine), key_added=key_added)
+    record(adata, "cluster", params)
+    return adata if copy else None
+
+
+def reduce(x, n_pcs: int | None, seed: int) -> np.ndarray:
+    """``x`` as float64, reduced to ``n_pcs`` principal components if it has more columns."""
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    x = x.astype(np.float64)
+    if n_pcs and x.shape[1] > n_pcs:
+        from sklearn.decomposition import PCA
+
+        x = PCA(n_pcs, random_state=seed).fit_transform(x)
+    return x
+
+
+def _sample(n: int, max_fit: int, seed: int) -> np.ndarray:
+    if n <= max_fit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_fit, replace=False))
+
+
+def _gmm_fit(x: np.ndarray, k: int, model: str, seed: int, max_fit: int):
+    from sklearn.mixture import GaussianMixture
+
+    fit = x[_sample(len(x), max_fit, seed)]
+    gmm = GaussianMixture(k, covariance_type=MCLUST_MODELS[model], random_state=seed,
+                          reg_covar=1e-5, max_iter=300, n_init=1)
+    return gmm.fit(fit), fit
+
+
+def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int) -> np.ndarray:
+    gmm, _ = _gmm_fit(x, k, model, seed, max_fit)
+    return gmm.predict(x)
+
+
+def estimate_k(x: np.ndarray, k_range: tuple[int, int], model: str, seed: int,
+               max_fit: int) -> tuple[int, list[float]]:
+    """K with the lowest BIC of a GMM fitted for each K in ``k_range`` (inclusive)."""
+    lo, hi = int(k_range[0]), int(k_range[1])
+    if lo < 2 or hi < lo:
+        raise ConfigError(f"k_range={k_range}: need 2 <= low <= high")
+    bic = []
+    for k in range(lo, hi + 1):
+        gmm, fit = _gmm_fit(x, k, model, seed, max_fit)
+        bic.append(float(gmm.bic(fit)))
+    return lo + int(np.argmin(bic)), bic
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int, max_fit: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    km = KMeans(k, n_init=10, random_state=seed).fit(x[_sample(len(x), max_fit, seed)])
+    return km.predict(x)
+
+
+def _leiden(x: np.ndarray, k: int, seed: int, n_neighbors: int = 15,
+            max_steps: int = 40) -> tuple[np.ndarray, float]:
+    """Leiden on a kNN graph of ``x``; bisect the resolution until exactly ``k`` clusters."""
+    import igraph as ig
+    import leidenalg
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(x)
+    nn = NearestNeighbors(n_neighbors=min(n_neighbors, n - 1) + 1).fit(x)
+    _, idx = nn.kneighbors(x)
+    src = np.repeat(np.arange(n), idx.shape[1] - 1)
+    dst = idx[:, 1:].ravel()
+    graph = ig.Graph(n=n, edges=np.c_[src, dst].tolist(), directed=False).simplify()
+
+    def run(res: float) -> np.ndarray:
+        part = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition,
+                                        resolution_parameter=res, seed=seed)
+        return np.asarray(part.membership)
+
+    lo, hi = 1e-3, 10.0
+    best = None
+    for _ in range(max_steps):
+        res = float(np.sqrt(lo * hi))
+        labels = run(res)
+        found = labels.max() + 1
+        if found == k:
+            return labels, res
+        if best is None or abs(found - k) < abs(best[0].max() + 1 - k):
+            best = (labels, res)
+        lo, hi = (res, hi) if found < k else (lo, res)
+    raise ConfigError(f"leiden: no resolution in [0.001, 10] gives exactly {k} clusters "
+                      f"(closest {best[0].max() + 1} at {best[1]:.4g}); use method='gmm'")
+
+
+def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
+    """Renumber clusters 0..K-1 from largest to smallest, so labels do not depend on init."""
+    uniq, counts = np.unique(labels, return_counts=True)
+    order = uniq[np.argsort(-counts, kind="stable")]
+    mapping = np.empty(labels.max() + 1, dtype=np.int64)
+    mapping[order] = np.arange(len(order))
+    return mapping[labels]
+
+
+def _categorical(labels: np.ndarray, k: int) -> pd.Categorical:
+    return pd.Categorical.from_codes(labels, categories=[str(i) for i in range(k)])
+
+
+def same_slice_neighbours(adata: ad.AnnData, batch_key: str = Keys.BATCH,
+                          k: int | None = None) -> sp.csr_matrix:
+    """Spatial neighbour matrix restricted to pairs in the same slice (no self-loops).
+
+    Uses ``obsp["spamask_connectivities"]`` when present (dropping any cross-slice edge), else
+    a ``k``-nearest-neighbour graph per slice (``k`` default 6).
+    """
+    codes = batch_codes(adata, batch_key)
+    if Keys.CONNECTIVITIES in adata.obsp and k is None:
+        adj = sp.coo_matrix(adata.obsp[Keys.CONNECTIVITIES])
+    else:
+        from .graph import _slice_edges
+
+        require_obsm(adata, Keys.SPATIAL)
+        rows, cols = [], []
+        xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)
+        for code in np.unique(codes):
+            idx = np.flatnonzero(codes == code)
+            s, d = _slice_edges(xy[idx, :2], str(code), "knn", min(k or 6, len(idx) - 1), None)
+            rows.append(idx[s])
+            cols.append(idx[d])
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        adj = sp.coo_matrix((np.ones(rows.size), (rows, cols)), shape=(adata.n_obs,) * 2)
+    keep = (codes[adj.row] == codes[adj.col]) & (adj.row != adj.col)
+    return sp.csr_matrix((np.ones(keep.sum()), (adj.row[keep], adj.col[keep])),
+                         shape=(adata.n_obs,) * 2)
+
+
+def refine_labels(adata: ad.AnnData, labels: np.ndarray, *, batch_key: str = Keys.BATCH,
+                  k: int | None = None) -> np.ndarray:
+    """Majority vote of each spot's same-slice spatial neighbours (a tie keeps the label)."""
+    labels = np.asarray(labels)
+    if labels.shape != (adata.n_obs,):
+        raise InputError(f"labels: expected {adata.n_obs} labels, got {labels.shape}")
+    adj = same_slice_neighbours(adata, batch_key, k)
+    n_labels = int(labels.max()) + 1
+    onehot = sp.csr_matrix((np.ones(len(labels)), (np.arange(len(labels)), labels)),
+                           shape=(len(labels), n_labels))
+    votes = (adj @ onehot).toarray()
+    top = votes.argmax(axis=1)
+    own = votes[np.arange(len(labels)), labels]
+    return np.where(votes.max(axis=1) > own, top, labels)

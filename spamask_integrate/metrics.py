@@ -1,0 +1,232 @@
+"""Scores of a run as one tidy table: domain accuracy against labels (per slice and overall),
+label-free spatial coherence, and scib-metrics integration scores per embedding."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+from .cluster import same_slice_neighbours
+from .config import Keys
+from .errors import ConfigError, InputError
+from .utils import batch_codes, h5ad_safe, require_obs, require_obsm
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["kind", "scope", "embedding", "metric", "value"]
+_ACCURACY = {
+    "ARI": skm.adjusted_rand_score,
+    "NMI": skm.normalized_mutual_info_score,
+    "homogeneity": skm.homogeneity_score,
+    "completeness": skm.completeness_score,
+}
+
+
+def evaluate(
+    adata: ad.AnnData,
+    label_key: str | None = None,
+    batch_key: str = Keys.BATCH,
+    embedding_keys: list[str] | None = None,
+    *,
+    domain_key: str = Keys.DOMAIN,
+    scib: bool = True,
+    pre_integrated_key: str | None = Keys.PCA,
+    scib_max_spots: int = 20_000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Score domains and embeddings.
+
+    Parameters
+    ----------
+    label_key
+        Ground-truth column; spots with a missing label are left out of the accuracy scores
+        (their count is reported as ``n_unlabelled``). Without it only the label-free scores
+        and (with the domains as labels) the scib batch scores are computed.
+    embedding_keys
+        ``obsm`` keys scored by scib-metrics' Benchmarker (bio conservation, batch correction,
+        total = 0.6 bio + 0.4 batch). Default: those of ``X_pca``, ``X_spamask``,
+        ``X_spamask_harmony`` that exist.
+    pre_integrated_key
+        Unintegrated embedding for scib's PCR comparison (computed by scanpy if absent).
+    scib_max_spots
+        Above this, scib scores a seeded sample stratified by slice (``seed``); the table
+        says how many spots were scored.
+
+    Returns
+    -------
+    A DataFrame with columns ``kind`` ("domain", "spatial", "integration", "info"), ``scope``
+    (a slice name or "all"), ``embedding``, ``metric`` and ``value``; also stored in
+    ``uns["spamask"]["metrics"]``.
+    """
+    require_obs(adata, batch_key)
+    require_obs(adata, domain_key)
+    if label_key is not None:
+        require_obs(adata, label_key)
+    rows: list[dict] = []
+    slices = list(adata.obs[batch_key].cat.categories)
+    codes = batch_codes(adata, batch_key)
+    domains = adata.obs[domain_key].astype(str).to_numpy()
+    if label_key is not None:
+        rows += _accuracy_rows(adata.obs[label_key], domains, codes, slices)
+    rows += _spatial_rows(adata, domains, codes, slices, batch_key)
+    if scib:
+        keys = embedding_keys if embedding_keys is not None else [
+            k for k in (Keys.PCA, Keys.EMB, Keys.EMB_HARMONY) if k in adata.obsm]
+        for key in keys:
+            require_obsm(adata, key)
+        if keys:
+            rows += scib_rows(adata, keys, label_key or domain_key, batch_key,
+                              pre_integrated_key=pre_integrated_key, max_spots=scib_max_spots,
+                              seed=seed, labels_are_domains=label_key is None)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    adata.uns.setdefault(Keys.UNS, {})["metrics"] = h5ad_safe(
+        {f"{r.kind}|{r.scope}|{r.embedding}|{r.metric}": float(r.value)
+         for r in table.itertuples()})
+    return table
+
+
+def _row(kind: str, scope: str, metric: str, value: float, embedding: str = "") -> dict:
+    return {"kind": kind, "scope": scope, "embedding": embedding, "metric": metric,
+            "value": float(value)}
+
+
+def _accuracy_rows(labels: pd.Series, domains: np.ndarray, codes: np.ndarray,
+                   slices: list[str]) -> list[dict]:
+    known = labels.notna().to_numpy() & (labels.astype(str).str.lower() != "nan").to_numpy()
+    truth = labels.astype(str).to_numpy()
+    rows = [_row("info", "all", "n_unlabelled", (~known).sum())]
+    if (~known).any():
+        logger.info("evaluate: %d spots without a label left out of ARI/NMI", (~known).sum())
+    scopes = [("all", known)] + [(s, known & (codes == i)) for i, s in enumerate(slices)]
+    for scope, mask in scopes:
+        if mask.sum() == 0:
+            continue
+        for name, fn in _ACCURACY.items():
+            rows.append(_row("domain", scope, name, fn(truth[mask], domains[mask])))
+    return rows
+
+
+def spatial_coherence(adata: ad.AnnData, domains: np.ndarray, batch_key: str) -> pd.DataFrame:
+    """Per spot: share of its same-slice spatial neighbours in its own domain."""
+    adj = same_slice_neighbours(adata, batch_key)
+    codes = pd.factorize(domains)[0]
+    coo = adj.tocoo()
+    agree = (codes[coo.row] == codes[coo.col]).astype(float)
+    same_counts = np.bincount(coo.row, weights=agree, minlength=adata.n_obs)
+    degree = np.asarray(adj.sum(axis=1)).ravel()
+    share = np.divide(same_counts, degree, out=np.ones_like(degree, dtype=float),
+                      where=degree > 0)
+    return pd.DataFrame({"agreement": share, "isolated": share < 0.5}, index=adata.obs_names)
+
+
+def _spatial_rows(adata: ad.AnnData, domains: np.ndarray, codes: np.ndarray,
+                  slices: list[str], batch_key: str) -> list[dict]:
+    per_spot = spatial_coherence(adata, domains, batch_key)
+    chaos = _chaos(adata, domains, codes, slices)
+    rows = []
+    scopes = [("all", np.ones(adata.n_obs, dtype=bool))] + [
+        (s, codes == i) for i, s in enumerate(slices)]
+    for scope, mask in scopes:
+        rows.append(_row("spatial", scope, "neighbour_agreement",
+                         per_spot["agreement"].to_numpy()[mask].mean()))
+        rows.append(_row("spatial", scope, "PAS", per_spot["isolated"].to_numpy()[mask].mean()))
+        parts = chaos.get(scope, [])
+        if parts:
+            rows.append(_row("spatial", scope, "CHAOS",
+                             np.average([c for c, _ in parts], weights=[w for _, w in parts])))
+    return rows
+
+
+def _chaos(adata: ad.AnnData, domains: np.ndarray, codes: np.ndarray,
+           slice_names: list[str]) -> dict:
+    """CHAOS: mean distance of each spot to its nearest same-domain spot (scaled coordinates)."""
+    from sklearn.neighbors import KDTree
+
+    if Keys.SPATIAL not in adata.obsm:
+        return {}
+    xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
+    out: dict = {"all": []}
+    for code, name in enumerate(slice_names):
+        in_slice = codes == code
+        pts = xy[in_slice]
+        pts = (pts - pts.mean(axis=0)) / np.where(pts.std(axis=0) > 0, pts.std(axis=0), 1)
+        dom = domains[in_slice]
+        dists, weights = [], []
+        for d in np.unique(dom):
+            p = pts[dom == d]
+            if len(p) <= 2:
+                continue
+            dd, _ = KDTree(p).query(p, k=2)
+            dists.append(dd[:, 1].sum())
+            weights.append(len(p))
+        value = (sum(dists) / sum(weights)) if weights else np.nan
+        out[name] = [(value, in_slice.sum())]
+        out["all"].append((value, in_slice.sum()))
+    return out
+
+
+def scib_rows(adata: ad.AnnData, keys: list[str], label_key: str, batch_key: str, *,
+              pre_integrated_key: str | None, max_spots: int, seed: int,
+              labels_are_domains: bool = False) -> list[dict]:
+    """scib-metrics Benchmarker totals and single metrics for each embedding in ``keys``."""
+    from scib_metrics.benchmark import Benchmarker
+
+    if max_spots < 50:
+        raise ConfigError(f"scib_max_spots={max_spots}: must be at least 50")
+    idx = stratified_sample(batch_codes(adata, batch_key), max_spots, seed)
+    obs = adata.obs.iloc[idx][[batch_key, label_key]].copy()
+    obs = obs[obs[label_key].notna()]
+    keep = adata.obs_names.get_indexer(obs.index)
+    if obs[batch_key].nunique() < 2:
+        logger.info("evaluate: one slice, scib integration scores skipped")
+        return [_row("info", "all", "scib_skipped_one_slice", 1)]
+    obs[label_key] = obs[label_key].astype(str).astype("category")
+    obs[batch_key] = obs[batch_key].astype(str).astype("category")
+    sub = ad.AnnData(obs=obs)
+    for key in keys:
+        sub.obsm[key] = np.asarray(adata.obsm[key], dtype=np.float32)[keep]
+    pre = pre_integrated_key if pre_integrated_key in adata.obsm else None
+    if pre is not None and pre not in keys:
+        sub.obsm[pre] = np.asarray(adata.obsm[pre], dtype=np.float32)[keep]
+    if pre is None:
+        raise InputError("evaluate: scib needs an unintegrated embedding; "
+                         f"obsm[{pre_integrated_key!r}] not found")
+    bench = Benchmarker(sub, batch_key=batch_key, label_key=label_key, embedding_obsm_keys=keys,
+                        pre_integrated_embedding_obsm_key=pre, progress_bar=False, n_jobs=1)
+    bench.prepare(neighbor_computer=_sklearn_neighbors)
+    bench.benchmark()
+    res = bench.get_results(min_max_scale=False).drop(index="Metric Type", errors="ignore")
+    rows = [_row("info", "all", "scib_n_spots", len(obs))]
+    if labels_are_domains:
+        rows.append(_row("info", "all", "scib_labels_are_domains", 1))
+    for key in keys:
+        for metric, value in res.loc[key].items():
+            rows.append(_row("integration", "all", str(metric), float(value), embedding=key))
+    return rows
+
+
+def stratified_sample(codes: np.ndarray, max_spots: int, seed: int) -> np.ndarray:
+    """At most ``max_spots`` indices, the same share of every slice, seeded; sorted."""
+    n = len(codes)
+    if n <= max_spots:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    share = max_spots / n
+    picks = []
+    for code in np.unique(codes):
+        idx = np.flatnonzero(codes == code)
+        picks.append(rng.choice(idx, max(1, int(round(share * len(idx)))), replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def _sklearn_neighbors(x: np.ndarray, k: int):
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, len(x) - 1)
+    dist, idx = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)
+    return NeighborsResults(indices=idx, distances=dist)

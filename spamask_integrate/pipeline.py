@@ -1,0 +1,117 @@
+"""``run``: the whole pipeline in one call. It chains the steps and records what each did; all
+logic lives in the step modules."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+
+from .cluster import cluster
+from .config import Keys, SpamaskConfig
+from .errors import ConfigError
+from .graph import build_graph
+from .integrate import integrate
+from .io import read_slices, write_outputs
+from .metrics import evaluate
+from .preprocess import preprocess
+from .train import train, versions
+from .utils import record
+
+logger = logging.getLogger(__name__)
+
+
+def run(
+    sources: Any,
+    out_dir: str | Path | None = None,
+    *,
+    batch_key: str = Keys.BATCH,
+    label_key: str | None = None,
+    n_domains: int | None = 7,
+    cluster_method: str = "gmm",
+    harmony: bool | None = None,
+    refine: bool = False,
+    graph_method: str = "knn",
+    k: int | None = None,
+    radius: float | None = None,
+    platform: str | None = None,
+    preprocess_kwargs: dict[str, Any] | None = None,
+    config: SpamaskConfig | None = None,
+    scib: bool = True,
+    scib_max_spots: int = 20_000,
+    figures: bool = True,
+    **train_overrides: Any,
+) -> ad.AnnData:
+    """Read -> preprocess -> graph -> train -> integrate -> cluster -> evaluate -> write.
+
+    Parameters
+    ----------
+    sources
+        What :func:`read_slices` takes, or an AnnData already holding the slices (raw counts,
+        ``obsm["spatial"]``, ``obs[batch_key]``).
+    out_dir
+        Where :func:`write_outputs` puts the files; ``None`` writes nothing.
+    harmony
+        Harmony on the embedding; ``None`` = on when there are several slices.
+    train_overrides
+        Fields of :class:`SpamaskConfig` (``epochs``, ``seed``, ``minibatch``, ``device``, ...);
+        ``seed`` also seeds preprocessing, Harmony, clustering and scoring.
+
+    Returns the AnnData with every result; ``uns["spamask"]["run"]`` holds the parameters,
+    versions and seconds per step.
+    """
+    config = (config or SpamaskConfig()).replace(**train_overrides)
+    seed = config.seed
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def step(name: str):
+        logger.info("step: %s", name)
+        tic = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - tic, 3)
+
+    with step("read"):
+        if isinstance(sources, ad.AnnData):
+            adata = sources
+            if batch_key not in adata.obs:
+                raise ConfigError(f"obs[{batch_key!r}] not found in the AnnData given")
+        else:
+            adata = read_slices(sources, batch_key=batch_key, label_key=label_key,
+                                min_spots=(k or 6) + 1)
+    with step("preprocess"):
+        preprocess(adata, batch_key=batch_key, seed=seed, **(preprocess_kwargs or {}))
+    with step("graph"):
+        graph = build_graph(adata, batch_key, graph_method, k, radius, platform=platform)
+    with step("train"):
+        train(adata, graph, batch_key, config)
+    n_slices = adata.obs[batch_key].nunique()
+    use_harmony = (n_slices > 1) if harmony is None else bool(harmony)
+    if use_harmony:
+        with step("integrate"):
+            integrate(adata, batch_key, seed=seed)
+    rep = Keys.EMB_HARMONY if use_harmony else Keys.EMB
+    with step("cluster"):
+        cluster(adata, n_domains, cluster_method, use_rep=rep, batch_key=batch_key,
+                refine=refine, seed=seed)
+    with step("evaluate"):
+        keys = [Keys.PCA, Keys.EMB] + ([Keys.EMB_HARMONY] if use_harmony else [])
+        metrics = evaluate(adata, label_key, batch_key, keys if scib else None, scib=scib,
+                           scib_max_spots=scib_max_spots, seed=seed)
+    params = {"batch_key": batch_key, "label_key": label_key or "", "n_domains": n_domains or 0,
+              "cluster_method": cluster_method, "harmony": use_harmony, "refine": refine,
+              "graph_method": graph_method, "k": k or 0, "radius": radius or 0,
+              "platform": platform or "", "preprocess": preprocess_kwargs or {},
+              "train": config.to_dict(), "scib": scib, "scib_max_spots": scib_max_spots}
+    record(adata, "run", {"params": params, "seconds": timings, "versions": versions()})
+    if out_dir is not None:
+        with step("write"):
+            write_outputs(adata, out_dir, metrics, batch_key=batch_key, figures=figures,
+                          seed=seed)
+        adata.uns[Keys.UNS]["run"]["seconds"] = timings
+    logger.info("run finished: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return adata

@@ -1,0 +1,118 @@
+"""Figures of a run. Each function returns a ``matplotlib.figure.Figure`` built without pyplot,
+so no global plotting state is touched; save it with ``fig.savefig(path)``."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .config import Keys
+from .utils import require_obs, require_obsm
+
+
+def _palette(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def spatial_domains(adata: ad.AnnData, domain_key: str = Keys.DOMAIN,
+                    batch_key: str = Keys.BATCH, *, ncols: int = 4,
+                    spot_size: float | None = None) -> Figure:
+    """One panel per slice, spots coloured by domain with the same colours in every panel."""
+    require_obs(adata, domain_key)
+    require_obs(adata, batch_key)
+    require_obsm(adata, Keys.SPATIAL)
+    slices = list(adata.obs[batch_key].cat.categories)
+    cats = list(adata.obs[domain_key].cat.categories)
+    colours = _palette(len(cats))
+    ncols = min(ncols, len(slices))
+    nrows = int(np.ceil(len(slices) / ncols))
+    fig = Figure(figsize=(3.6 * ncols + 1.2, 3.6 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    codes = adata.obs[domain_key].cat.codes.to_numpy()
+    xy = np.asarray(adata.obsm[Keys.SPATIAL])
+    for ax, name in zip(axes, slices):
+        m = (adata.obs[batch_key] == name).to_numpy()
+        size = spot_size or max(0.2, min(12.0, 9000 / max(m.sum(), 1)))
+        ax.scatter(xy[m, 0], xy[m, 1], c=[colours[c] for c in codes[m]], s=size,
+                   linewidths=0, rasterized=True)
+        ax.set_title(str(name), fontsize=10)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(slices):]:
+        ax.set_axis_off()
+    handles = [_dot(colours[i], c) for i, c in enumerate(cats)]
+    fig.legend(handles=handles, title=domain_key, loc="outside right center", frameon=False)
+    return fig
+
+
+def _dot(colour, label: str):
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], marker="o", linestyle="", color=colour, label=str(label))
+
+
+def umap(adata: ad.AnnData, use_rep: str = Keys.EMB, color: tuple[str, ...] = (Keys.DOMAIN,
+                                                                            Keys.BATCH),
+         *, max_spots: int = 30_000, seed: int = 0) -> Figure:
+    """UMAP of ``obsm[use_rep]`` coloured by each ``obs`` column in ``color``.
+
+    Computed on a seeded sample of at most ``max_spots`` spots (and not stored).
+    """
+    import umap as umap_learn
+
+    require_obsm(adata, use_rep)
+    for key in color:
+        require_obs(adata, key)
+    rng = np.random.default_rng(seed)
+    idx = np.arange(adata.n_obs)
+    if adata.n_obs > max_spots:
+        idx = np.sort(rng.choice(adata.n_obs, max_spots, replace=False))
+    x = np.asarray(adata.obsm[use_rep], dtype=np.float32)[idx]
+    emb = umap_learn.UMAP(n_neighbors=15, random_state=seed, n_jobs=1).fit_transform(x)
+    fig = Figure(figsize=(4.6 * len(color) + 1.5, 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(color), squeeze=False)).ravel()
+    order = rng.permutation(len(idx))
+    for ax, key in zip(axes, color):
+        values = adata.obs[key].iloc[idx]
+        cats = list(values.cat.categories)
+        colours = _palette(len(cats))
+        codes = values.cat.codes.to_numpy()
+        ax.scatter(emb[order, 0], emb[order, 1], c=[colours[c] for c in codes[order]],
+                   s=max(0.5, min(8.0, 6000 / len(idx))), linewidths=0, rasterized=True)
+        ax.set_title(f"{use_rep} by {key}", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(handles=[_dot(colours[i], c) for i, c in enumerate(cats)][:20], fontsize=7,
+                  frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return fig
+
+
+def scores(metrics: pd.DataFrame) -> Figure:
+    """Bar charts: ARI/NMI per slice (when labels were given) and scib totals per embedding."""
+    dom = metrics[(metrics["kind"] == "domain") & metrics["metric"].isin(["ARI", "NMI"])]
+    integ = metrics[(metrics["kind"] == "integration") & metrics["metric"].isin(
+        ["Bio conservation", "Batch correction", "Total"])]
+    spatial = metrics[(metrics["kind"] == "spatial") & (metrics["metric"] == "neighbour_agreement")]
+    panels = [p for p in (("domain accuracy", dom, "scope"), ("integration (scib-metrics)",
+                          integ, "embedding"), ("spatial coherence", spatial, "scope"))
+              if len(p[1])]
+    fig = Figure(figsize=(5.2 * max(len(panels), 1), 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(len(panels), 1), squeeze=False)).ravel()
+    for ax, (title, table, group) in zip(axes, panels):
+        wide = table.pivot_table(index=group, columns="metric", values="value", sort=False)
+        width = 0.8 / max(wide.shape[1], 1)
+        for j, col in enumerate(wide.columns):
+            ax.bar(np.arange(len(wide)) + j * width, wide[col].to_numpy(), width, label=col)
+        ax.set_xticks(np.arange(len(wide)) + 0.4 - width / 2)
+        ax.set_xticklabels([str(i) for i in wide.index], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
+    return fig

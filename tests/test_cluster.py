@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+import spamask_integrate as si
+from spamask_integrate.cluster import refine_labels, same_slice_neighbours
+
+
+@pytest.fixture
+def blobs():
+    a = si.datasets.synthetic_slices(2, 200, 10, 4, seed=0)
+    truth = a.obs["ground_truth"].cat.codes.to_numpy()
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 6, (4, 8))
+    a.obsm["X_spamask"] = centres[truth] + rng.normal(0, 1, (a.n_obs, 8))
+    return a, truth
+
+
+@pytest.mark.parametrize("method", ["gmm", "kmeans", "leiden"])
+def test_exactly_k_domains(blobs, method):
+    a, truth = blobs
+    si.cluster(a, 4, method, use_rep="X_spamask")
+    dom = a.obs["domain"]
+    assert dom.dtype.name == "category" and list(dom.cat.categories) == ["0", "1", "2", "3"]
+    assert dom.nunique() == 4
+    assert adjusted_rand_score(truth, dom) > 0.9
+    assert a.uns["spamask"]["cluster"]["method"] == method
+
+
+def test_leiden_hits_other_k(blobs):
+    a, _ = blobs
+    si.cluster(a, 6, "leiden", use_rep="X_spamask")
+    assert a.obs["domain"].nunique() == 6
+
+
+def test_estimate_k(blobs):
+    a, _ = blobs
+    si.cluster(a, None, "gmm", use_rep="X_spamask", k_range=(2, 8))
+    info = a.uns["spamask"]["cluster"]
+    assert info["n_domains"] == 4 and info["k_estimated"] and len(info["bic"]) == 7
+
+
+def test_deterministic(blobs):
+    a, _ = blobs
+    si.cluster(a, 4, "gmm", use_rep="X_spamask", seed=3)
+    first = a.obs["domain"].copy()
+    si.cluster(a, 4, "gmm", use_rep="X_spamask", seed=3)
+    assert (first == a.obs["domain"]).all()
+
+
+def test_refine_uses_only_same_slice_neighbours(tiny_slices):
+    # graph with a cross-slice edge: refinement must ignore it
+    si.build_graph(tiny_slices, k=6, extra_edges=(np.arange(300), np.arange(300, 600)))
+    adj = same_slice_neighbours(tiny_slices)
+    codes = tiny_slices.obs["slice"].cat.codes.to_numpy()
+    coo = adj.tocoo()
+    assert (codes[coo.row] == codes[coo.col]).all() and adj.nnz > 0
+    # slice0 all label 0, slice1 all label 1: with cross edges a vote could flip; it must not
+    labels = np.repeat([0, 1], 300)
+    assert np.array_equal(refine_labels(tiny_slices, labels), labels)
+    # an isolated wrong label inside a uniform region is fixed
+    labels2 = labels.copy()
+    labels2[10] = 1
+    assert refine_labels(tiny_slices, labels2)[10] == 0
+
+
+def test_refine_in_cluster_keeps_unrefined(blobs):
+    a, _ = blobs
+    si.cluster(a, 4, use_rep="X_spamask", refine=True)
+    assert "domain_unrefined" in a.obs and a.uns["spamask"]["cluster"]["refine"]
+
+
+def test_errors(blobs):
+    a, _ = blobs
+    with pytest.raises(si.ConfigError, match="n_domains=1"):
+        si.cluster(a, 1, use_rep="X_spamask")
+    with pytest.raises(si.ConfigError, match="method='dbscan'"):
+        si.cluster(a, 4, "dbscan", use_rep="X_spamask")
+    with pytest.raises(si.InputError, match="X_none"):
+        si.cluster(a, 4, use_rep="X_none")
