@@ -1,11 +1,393 @@
-"""Entry point of the ``spamask-integrate`` command line (commands added per issue)."""
+"""The ``spamask-integrate`` command line: argument handling around the library, nothing more.
+
+Errors: a library error prints one line ``Error: ...`` (``-v`` adds the traceback) and exits
+with 2 for usage errors (bad options, config, plan) and 1 for data errors.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
 import click
 
+EXAMPLES_RUN = """
+\b
+Examples:
+  spamask-integrate run data/151673.h5ad data/151674.h5ad -o out --label-key layer
+  spamask-integrate run --manifest slices.yaml -o out --n-domains auto --cluster leiden
+  spamask-integrate run a.h5ad b.h5ad -o out --minibatch --batch-size 2048 --fanouts 10,10
+"""
 
-@click.group()
-@click.version_option(package_name="spamask-integrate")
-def main() -> None:
-    """Spatial domains and multi-slice integration with SpaMask on DGL."""
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("spamask_integrate")
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def handle_errors(func):
+    """Turn library errors into one line and an exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from spamask_integrate.errors import ConfigError, SpamaskError
+
+        ctx = click.get_current_context()
+        verbose = (ctx.find_root().params or {}).get("verbose", 0)
+        try:
+            return func(*args, **kwargs)
+        except SpamaskError as exc:
+            if verbose:
+                traceback.print_exc()
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2 if isinstance(exc, ConfigError) else 1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: no partial output was left behind.", err=True)
+            ctx.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spamask-integrate", prog_name="spamask-integrate")
+@click.option("-v", "--verbose", count=True, help="More log output; tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors, no progress bars.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Spatial domains and multi-slice integration with SpaMask on DGL.
+
+    \b
+    Start with:  spamask-integrate demo -o demo_out
+    """
+    ctx.ensure_object(dict)
+    ctx.obj.update(verbose=verbose, quiet=quiet)
+    _setup_logging(verbose, quiet)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _parse_k(value: str | None) -> int | None:
+    from spamask_integrate.errors import ConfigError
+
+    if value is None or str(value).lower() == "auto":
+        return None
+    try:
+        k = int(value)
+    except ValueError as exc:
+        raise ConfigError(f"--n-domains {value!r}: give an integer >= 2 or 'auto'") from exc
+    if k < 2:
+        raise ConfigError(f"--n-domains {k}: must be at least 2 (or 'auto')")
+    return k
+
+
+def _parse_fanouts(value: str | None) -> tuple[int, ...] | None:
+    from spamask_integrate.errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        fan = tuple(int(v) for v in value.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--fanouts {value!r}: comma-separated integers, e.g. 10,10") from exc
+    if len(fan) == 2:  # two encoder layers given: the decoder layer reuses the last fan-out
+        fan = fan + (fan[-1],)
+    if len(fan) != 3 or min(fan) < 1:
+        raise ConfigError(f"--fanouts {value!r}: give 2 or 3 positive integers")
+    return fan
+
+
+def _read_config(path: str | None) -> dict[str, Any]:
+    from spamask_integrate.errors import ConfigError
+
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of parameters")
+    return data
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    import tempfile
+
+    from spamask_integrate.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {out}: exists and is not a folder")
+    if (out / "integrated.h5ad").exists() and not overwrite:
+        raise ConfigError(f"-o {out}: holds a finished run; pass --overwrite or another folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise ConfigError(f"-o {out}: not writable ({exc.strerror or exc})") from exc
+    finally:
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()  # nothing left behind if the run fails before writing
+
+
+def _print_scores(metrics, out: Path | None) -> None:
+    dom = metrics[(metrics["kind"] == "domain") & metrics["metric"].isin(["ARI", "NMI"])]
+    if len(dom):
+        wide = dom.pivot_table(index="scope", columns="metric", values="value", sort=False)
+        click.echo("Domain accuracy (labelled spots):")
+        click.echo(wide.round(3).to_string())
+    integ = metrics[(metrics["kind"] == "integration") & metrics["metric"].isin(
+        ["Bio conservation", "Batch correction", "Total"])]
+    if len(integ):
+        click.echo("Integration (scib-metrics):")
+        click.echo(integ.pivot_table(index="embedding", columns="metric", values="value")
+                   .round(3).to_string())
+    coh = metrics[(metrics["kind"] == "spatial") & (metrics["scope"] == "all")]
+    if len(coh):
+        click.echo("Spatial coherence: " + ", ".join(
+            f"{r.metric} {r.value:.3f}" for r in coh.itertuples()))
+    if out is not None:
+        click.echo(f"Results and figures in {out}/ (spatial_domains.png, umap.png, scores.png)")
+
+
+# ------------------------------------------------------------------------------------ run
+RUN_KEYS = {"batch_key", "label_key", "n_domains", "cluster_method", "harmony", "refine",
+            "graph_method", "k", "radius", "platform", "scib", "scib_max_spots", "figures"}
+
+
+@main.command(epilog=EXAMPLES_RUN)
+@click.argument("sources", nargs=-1, type=click.Path())
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Output folder (created).")
+@click.option("--manifest", type=click.Path(), help="YAML/CSV manifest listing the slices.")
+@click.option("--batch-key", default=None, help="obs column for slice names [slice].")
+@click.option("--label-key", default=None, help="Ground-truth obs column, for scoring.")
+@click.option("--n-domains", default=None, help="Number of domains K, or 'auto' [7].")
+@click.option("--cluster", "cluster_method", type=click.Choice(["gmm", "kmeans", "leiden"]),
+              default=None, help="Clustering method [gmm].")
+@click.option("--harmony/--no-harmony", default=None, help="Harmony [on for several slices].")
+@click.option("--refine/--no-refine", default=None, help="Spatial majority-vote refinement.")
+@click.option("--graph", "graph_method", type=click.Choice(["knn", "radius"]), default=None,
+              help="Spatial graph [knn].")
+@click.option("--k", type=int, default=None, help="Neighbours per spot [platform preset].")
+@click.option("--radius", type=float, default=None, help="Radius for --graph radius.")
+@click.option("--epochs", type=int, default=None, help="Training epochs [500].")
+@click.option("--minibatch", "mode", flag_value="minibatch", help="Neighbour-sampled batches.")
+@click.option("--full-graph", "mode", flag_value="full", help="Whole graph each step.")
+@click.option("--auto", "mode", flag_value="auto", default=True,
+              help="Minibatch above 100,000 spots [default].")
+@click.option("--batch-size", type=int, default=None, help="Seed spots per minibatch [1024].")
+@click.option("--fanouts", default=None, help="Neighbours sampled per layer, e.g. 10,10.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Device [auto].")
+@click.option("--seed", type=int, default=None, help="Seed of every random step [2023].")
+@click.option("--config", "config_path", type=click.Path(),
+              help="YAML with run parameters and 'train'/'preprocess' sections.")
+@click.option("--no-scib", is_flag=True, help="Skip scib-metrics (slow on large data).")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run in OUT.")
+@click.pass_context
+@handle_errors
+def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epochs, batch_size,
+        fanouts, device, seed, n_domains, no_scib, overwrite, **options) -> None:
+    """Run the whole pipeline on SOURCES (.h5ad files, Visium folders, ...) into OUT.
+
+    Writes integrated.h5ad, domains.csv, metrics.csv/.json, PNG figures and run.json.
+    """
+    import spamask_integrate as si
+    from spamask_integrate.errors import ConfigError
+
+    if not sources and not manifest:
+        raise ConfigError("give SOURCES or --manifest")
+    if sources and manifest:
+        raise ConfigError("give SOURCES or --manifest, not both")
+    cfg = _read_config(config_path)
+    unknown = sorted(set(cfg) - RUN_KEYS - {"train", "preprocess"})
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown key(s) {', '.join(unknown)}")
+    params = {k: v for k, v in cfg.items() if k in RUN_KEYS}
+    params.update({k: v for k, v in options.items() if v is not None})
+    if n_domains is not None or "n_domains" not in params:
+        params["n_domains"] = _parse_k(n_domains) if n_domains is not None else 7
+    if no_scib:
+        params["scib"] = False
+    train_opts = dict(cfg.get("train") or {})
+    flags = {"epochs": epochs, "batch_size": batch_size, "fanouts": _parse_fanouts(fanouts),
+             "device": device, "seed": seed,
+             "minibatch": {"minibatch": True, "full": False}.get(mode) if mode != "auto"
+             else train_opts.get("minibatch")}
+    train_opts.update({k: v for k, v in flags.items() if v is not None})
+    train_opts["quiet"] = bool(ctx.obj["quiet"])
+    config = si.SpamaskConfig().replace(**train_opts)
+    _check_out_dir(out, overwrite)
+    tic = time.perf_counter()
+    adata = si.run(manifest or list(sources), None, config=config,
+                   preprocess_kwargs=cfg.get("preprocess"), **params)
+    from spamask_integrate.io import atomic_write, write_outputs
+
+    metrics = _metrics_table(adata)
+    write_outputs(adata, out, metrics, batch_key=params.get("batch_key", "slice"),
+                  figures=params.get("figures", True), seed=config.seed)
+    info = adata.uns["spamask"]["run"]
+    record = {"status": "ok", "exit_code": 0, "command": sys.argv,
+              "sources": [str(s) for s in (sources or [manifest])],
+              "params": _jsonable(info["params"]), "versions": _jsonable(info["versions"]),
+              "seconds": {**_jsonable(info["seconds"]),
+                          "total": round(time.perf_counter() - tic, 3)},
+              "n_spots": int(adata.n_obs), "n_slices": int(adata.obs[params.get(
+                  "batch_key", "slice")].nunique())}
+    with atomic_write(out / "run.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    _print_scores(metrics, out)
+
+
+def _metrics_table(adata):
+    import pandas as pd
+
+    stored = adata.uns["spamask"]["metrics"]
+    rows = [dict(zip(["kind", "scope", "embedding", "metric"], key.split("|")), value=value)
+            for key, value in stored.items()]
+    return pd.DataFrame(rows, columns=["kind", "scope", "embedding", "metric", "value"])
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ------------------------------------------------------------------------------------ evaluate
+@main.command(epilog="""
+\b
+Examples:
+  spamask-integrate evaluate out/integrated.h5ad --label-key layer -o scores.csv
+  spamask-integrate evaluate other_tool.h5ad --label-key layer --domain-key mclust \\
+      --embedding-keys X_pca,X_stagate
+""")
+@click.argument("integrated", type=click.Path())
+@click.option("--label-key", default=None, help="Ground-truth obs column.")
+@click.option("--batch-key", default="slice", show_default=True)
+@click.option("--domain-key", default="domain", show_default=True)
+@click.option("--embedding-keys", default=None,
+              help="Comma-separated obsm keys for scib [those a run wrote].")
+@click.option("--no-scib", is_flag=True, help="Skip scib-metrics.")
+@click.option("--scib-max-spots", type=int, default=None, help="Seeded sample size for scib.")
+@click.option("--seed", type=int, default=None, help="Seed of the scib sample [the run's].")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Write the tidy table here (CSV).")
+@handle_errors
+def evaluate(integrated, label_key, batch_key, domain_key, embedding_keys, no_scib,
+             scib_max_spots, seed, out) -> None:
+    """Score an existing result (of this tool or another) in INTEGRATED.h5ad."""
+    import anndata as ad
+
+    import spamask_integrate as si
+    from spamask_integrate.errors import InputError
+    from spamask_integrate.io import atomic_write
+
+    path = Path(integrated)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from exc
+    run_params = adata.uns.get("spamask", {}).get("run", {}).get("params", {})
+    seed = seed if seed is not None else int(run_params.get("train", {}).get("seed", 0))
+    scib_max = scib_max_spots or int(run_params.get("scib_max_spots", 20_000))
+    keys = embedding_keys.split(",") if embedding_keys else None
+    if keys is None and "harmony" in run_params:
+        keys = ["X_pca", "X_spamask"] + (["X_spamask_harmony"] if run_params["harmony"] else [])
+    table = si.evaluate(adata, label_key, batch_key, keys, domain_key=domain_key,
+                        scib=not no_scib, scib_max_spots=scib_max, seed=seed)
+    if out is not None:
+        with atomic_write(out) as tmp:
+            table.to_csv(tmp, index=False)
+    _print_scores(table, None)
+    if out is not None:
+        click.echo(f"Wrote {out}")
+
+
+# ------------------------------------------------------------------------------------ benchmark
+@main.command(epilog="""
+\b
+A plan (YAML):
+  datasets:
+    - name: dlpfc
+      sources: [151673.h5ad, 151674.h5ad]
+      label_key: layer
+      n_domains: 7
+  settings:
+    methods: [spamask, pca, smoothed_pca]
+    harmony: [true, false]
+    cluster: [gmm]
+    seeds: [0, 1, 2]
+    train: {epochs: 300}
+\b
+Example:
+  spamask-integrate benchmark plan.yaml -o bench_out
+""")
+@click.argument("plan", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path))
+@click.pass_context
+@handle_errors
+def benchmark(ctx: click.Context, plan, out: Path) -> None:
+    """Run every combination of PLAN.yaml; resumable, survives failing combinations."""
+    from spamask_integrate.benchmark import run_plan, summarise
+
+    results = run_plan(plan, out, progress=not ctx.obj["quiet"])
+    failed = results[results["status"] == "failed"]
+    summary = summarise(results)
+    if not summary.empty:
+        click.echo(summary.round(3).to_string())
+    click.echo(f"{len(failed)} failed combination(s); results in {out}/results.csv, "
+               f"summary in {out}/summary.md")
+
+
+# ------------------------------------------------------------------------------------ demo
+@main.command()
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("demo_out"),
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a previous demo in OUT.")
+@click.pass_context
+@handle_errors
+def demo(ctx: click.Context, out: Path, seed: int, overwrite: bool) -> None:
+    """Whole pipeline on built-in synthetic slices (known domains, planted slice effects).
+
+    Three slices of 1,200 spots, 5 domains; about two minutes on 2 CPU cores.
+    """
+    import spamask_integrate as si
+
+    _check_out_dir(out, overwrite)
+    adata = si.datasets.synthetic_slices(3, 1200, 200, 5, batch_effect=0.8, noise=1.0,
+                                         marker_fold=1.8, seed=seed)
+    click.echo(f"Synthetic data: {adata.n_obs} spots in 3 slices, 5 true domains "
+               "(obs['ground_truth']), gene-wise slice effects.")
+    result = si.run(adata, out, label_key="ground_truth", n_domains=5, k=6,
+                    preprocess_kwargs={"n_top_genes": None, "n_comps": 30, "min_cells": 5},
+                    scib_max_spots=1500, epochs=150, seed=seed, quiet=bool(ctx.obj["quiet"]))
+    _print_scores(_metrics_table(result), out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
