@@ -249,7 +249,8 @@ def _box_plot(results: pd.DataFrame):
     labels = [f"{d}\n{m}{' +H' if h else ''}\n{c}" for d, m, h, c in groups.groups]
     fig = Figure(figsize=(max(4.0, 1.3 * len(labels)), 4.0), layout="constrained")
     ax = fig.subplots()
-    ax.boxplot([v.to_numpy() for _, v in groups], labels=labels)
+    ax.boxplot([v.to_numpy() for _, v in groups])
+    ax.set_xticks(np.arange(1, len(labels) + 1), labels)
     ax.set_ylabel("per-slice ARI (all seeds)")
     ax.tick_params(axis="x", labelsize=7)
     return fig

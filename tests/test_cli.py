@@ -1,0 +1,170 @@
+import json
+import os
+import shutil
+import subprocess
+
+import anndata as ad
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from conftest import write_h5ad_slices
+
+FAST_CONFIG = """
+train: {epochs: 10, hidden_dim: 32, latent_dim: 16, edge_decoder_hidden: 32}
+preprocess: {n_top_genes: null, n_comps: 20, min_cells: 5}
+scib_max_spots: 1000
+"""
+OUTPUTS = {"domains.csv", "metrics.csv", "metrics.json", "spatial_domains.png", "umap.png",
+           "scores.png", "integrated.h5ad", "run.json"}
+
+
+@pytest.fixture
+def slice_files(tiny_slices, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    paths = write_h5ad_slices(tiny_slices, folder)
+    config = tmp_path / "fast.yaml"
+    config.write_text(FAST_CONFIG)
+    return paths, config
+
+
+def _run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_run_then_evaluate_reproduces(slice_files, tmp_path):
+    paths, config = slice_files
+    out = tmp_path / "out"
+    res = _run(["-q", "run", *map(str, paths), "-o", str(out), "--label-key", "ground_truth",
+                "--n-domains", "4", "--k", "6", "--config", str(config), "--seed", "5"])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["status"] == "ok" and run_json["params"]["train"]["seed"] == 5
+    assert {"read", "train", "cluster", "evaluate", "total"} <= set(run_json["seconds"])
+    assert "ARI" in res.output
+    res2 = _run(["-q", "evaluate", str(out / "integrated.h5ad"), "--label-key", "ground_truth",
+                 "-o", str(tmp_path / "again.csv")])
+    assert res2.exit_code == 0, res2.output
+    first = pd.read_csv(out / "metrics.csv").fillna("")
+    again = pd.read_csv(tmp_path / "again.csv").fillna("")
+    merged = first.merge(again, on=["kind", "scope", "embedding", "metric"])
+    assert len(merged) == len(first) == len(again)
+    assert (merged["value_x"] - merged["value_y"]).abs().max() < 1e-6
+    assert (merged["kind"] == "integration").any()
+
+
+def test_benchmark_survives_failure_and_resumes(slice_files, tmp_path):
+    paths, _ = slice_files
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""
+datasets:
+  - name: good
+    sources: [{paths[0]}, {paths[1]}]
+    label_key: ground_truth
+    n_domains: 4
+    k: 6
+  - name: broken
+    sources: [{tmp_path / 'missing.h5ad'}]
+    label_key: ground_truth
+settings:
+  methods: [pca, smoothed_pca]
+  harmony: [false]
+  seeds: [0, 1]
+  preprocess: {{n_top_genes: null, n_comps: 20, min_cells: 5}}
+""")
+    out = tmp_path / "bench"
+    res = _run(["-q", "benchmark", str(plan), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    results = pd.read_csv(out / "results.csv")
+    failed = results[results.status == "failed"]
+    assert set(failed.dataset) == {"broken"} and len(failed) == 4
+    assert failed.error.str.contains("missing.h5ad").all()
+    ok = results[results.status == "ok"]
+    assert set(ok.method) == {"pca", "smoothed_pca"} and set(ok.seed) == {0, 1}
+    summary = (out / "summary.md").read_text()
+    assert "smoothed_pca" in summary and "Failed combinations" in summary
+    assert (out / "summary.png").stat().st_size > 0
+    stamp = ok.seconds.sum()
+    res = _run(["benchmark", str(plan), "-o", str(out)])
+    assert res.exit_code == 0
+    assert "4 already finished" in res.output or "4 already finished" in (res.stderr or "")
+    again = pd.read_csv(out / "results.csv")
+    assert again[again.status == "ok"].seconds.sum() == pytest.approx(stamp)  # not redone
+
+
+def _assert_fails(args, code, message, out=None):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == code, (res.exit_code, res.output)
+    text = res.output + (res.stderr if res.stderr_bytes is not None else "")
+    assert message in text, text
+    assert "Traceback" not in text
+    if out is not None:
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_inputs(slice_files, tmp_path):
+    paths, config = slice_files
+    out = tmp_path / "out"
+    base = ["run", "-o", str(out), "--config", str(config)]
+    _assert_fails(base + [str(tmp_path / "nope.h5ad")], 1, "nope.h5ad: file not found", out)
+    no_xy = ad.read_h5ad(paths[1])
+    del no_xy.obsm["spatial"]
+    bad = tmp_path / "noxy.h5ad"
+    no_xy.write_h5ad(bad)
+    _assert_fails(base + [str(paths[0]), str(bad)], 1, "obsm['spatial'] is missing", out)
+    _assert_fails(base + [*map(str, paths), "--label-key", "celltype"], 1,
+                  "obs['celltype'] not found", out)
+    _assert_fails(base + [*map(str, paths), "--n-domains", "1"], 2, "must be at least 2", out)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {epochs: [1,")
+    _assert_fails(["run", "-o", str(out), "--config", str(broken), str(paths[0])], 2,
+                  "cannot read config", out)
+    _assert_fails(base + [str(paths[0]), "--cluster", "dbscan"], 2, "dbscan", out)
+    _assert_fails(base + [str(paths[0]), "--fanouts", "a,b"], 2, "--fanouts", out)
+    blocker = tmp_path / "file_not_dir"
+    blocker.write_text("x")
+    _assert_fails(["run", "-o", str(blocker / "sub"), "--config", str(config), str(paths[0])], 2,
+                  "not writable", None)
+    _assert_fails(["evaluate", str(tmp_path / "none.h5ad"), "--label-key", "x"], 1,
+                  "none.h5ad: file not found")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("datasets: [")
+    _assert_fails(["benchmark", str(plan), "-o", str(tmp_path / "b")], 2, "invalid YAML")
+
+
+def test_ctrl_c_leaves_no_partial_files(slice_files, tmp_path, monkeypatch):
+    import spamask_integrate.io as sio
+
+    paths, config = slice_files
+    real = sio._write_figures
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sio, "_write_figures", interrupted)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["-q", "run", *map(str, paths), "-o", str(out), "--config",
+                                    str(config), "--no-scib", "--k", "6"])
+    assert res.exit_code == 130
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("spamask-integrate") is None,
+                    reason="console script not installed (pip install -e .)")
+def test_console_script_subprocess(slice_files, tmp_path):
+    version = subprocess.run(["spamask-integrate", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and "spamask-integrate" in version.stdout
+    res = subprocess.run(["spamask-integrate", "run", str(tmp_path / "absent.h5ad"), "-o",
+                          str(tmp_path / "o")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 1
+    assert "Error: " in res.stderr and "absent.h5ad" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+    help_text = subprocess.run(["spamask-integrate", "run", "--help"], capture_output=True,
+                               text=True).stdout
+    assert "Examples:" in help_text and "--minibatch" in help_text
