@@ -183,7 +183,7 @@ RUN_KEYS = {"batch_key", "label_key", "n_domains", "cluster_method", "harmony", 
               help="Spatial graph [knn].")
 @click.option("--k", type=int, default=None, help="Neighbours per spot [platform preset].")
 @click.option("--radius", type=float, default=None, help="Radius for --graph radius.")
-@click.option("--epochs", type=int, default=None, help="Training epochs [500].")
+@click.option("--epochs", type=int, default=None, help="Training epochs [300].")
 @click.option("--minibatch", "mode", flag_value="minibatch", help="Neighbour-sampled batches.")
 @click.option("--full-graph", "mode", flag_value="full", help="Whole graph each step.")
 @click.option("--auto", "mode", flag_value="auto", default=True,

@@ -18,6 +18,10 @@ from .utils import record, require_obs
 
 logger = logging.getLogger(__name__)
 
+#: up to this many genes PCA is exact (eigen-decomposition of the gene x gene Gram matrix,
+#: built in chunks of spots); above it a seeded randomized SVD is used
+_GRAM_MAX_GENES = 6000
+
 
 def preprocess(
     adata: ad.AnnData,
@@ -132,8 +136,9 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
                 seed: int, n_oversamples: int = 20, n_iter: int = 6) -> tuple[np.ndarray, np.ndarray]:
     """PCA of the z-scored ``x`` (per group of ``codes``) without forming the dense matrix.
 
-    z = x * inv_sd[group] - mean[group] * inv_sd[group]; the operator is applied implicitly in a
-    seeded randomized SVD (Halko et al.), so the result is reproducible from ``seed``.
+    z = x * inv_sd[group] - mean[group] * inv_sd[group]. Up to ``_GRAM_MAX_GENES`` genes the
+    Gram matrix z.T z is accumulated over chunks of spots and eigen-decomposed (exact); above,
+    the operator is applied implicitly in a seeded randomized SVD (Halko et al.).
     """
     n, g = x.shape
     codes = np.zeros(n, dtype=np.int64) if codes is None else np.asarray(codes, dtype=np.int64)
@@ -159,6 +164,8 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
     def rmatmul(m: np.ndarray) -> np.ndarray:  # z.T @ m
         return xs.T @ m - shift.T @ (ind.T @ m)
 
+    if g <= _GRAM_MAX_GENES:
+        return _gram_pca(xs, ind, shift, n_comps)
     rng = np.random.default_rng(seed)
     k = min(n_comps + n_oversamples, g, n)
     q, _ = np.linalg.qr(matmul(rng.standard_normal((g, k))))
@@ -174,6 +181,29 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
     scores = (u * s * signs).astype(np.float32)
     total_var = _total_variance(xs, ind, shift)
     return scores, (s**2 / max(total_var, 1e-12)).astype(np.float64)
+
+
+def _gram_pca(xs: sp.csr_matrix, ind: sp.csr_matrix, shift: np.ndarray,
+              n_comps: int, chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    """Exact PCA of the implicit z matrix through its g x g Gram matrix, built chunk-wise."""
+    g = xs.shape[1]
+    gram = np.zeros((g, g))
+    for start in range(0, xs.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        z = xs[rows].toarray() - ind[rows] @ shift
+        gram += z.T @ z
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1][:n_comps]
+    vectors = vectors[:, order]
+    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(n_comps)])
+    signs[signs == 0] = 1
+    vectors = vectors * signs
+    scores = np.empty((xs.shape[0], n_comps), dtype=np.float32)
+    for start in range(0, xs.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        scores[rows] = xs[rows] @ vectors - ind[rows] @ (shift @ vectors)
+    total = max(float(np.trace(gram)), 1e-12)
+    return scores, np.maximum(values[order], 0) / total
 
 
 def _total_variance(xs: sp.csr_matrix, ind: sp.csr_matrix, shift: np.ndarray) -> float:

@@ -296,8 +296,16 @@ def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
         minibatch = adata.n_obs > config.minibatch_threshold
     seed_all(config.seed)  # before the module exists: its initial weights follow the seed
     model = SpaMask(config, x.shape[1], use_rep)
+    tiles = None
+    if minibatch and config.tile_size > 1:
+        from .graph import spatial_tiles
+        from .utils import batch_codes
+
+        require_obsm(adata, Keys.SPATIAL)
+        tiles = spatial_tiles(np.asarray(adata.obsm[Keys.SPATIAL]),
+                              batch_codes(adata, batch_key), config.tile_size)
     start = time.perf_counter()
-    trainer = Trainer(model, graph, x, device, minibatch=bool(minibatch))
+    trainer = Trainer(model, graph, x, device, minibatch=bool(minibatch), tiles=tiles)
     trainer.fit()
     train_seconds = time.perf_counter() - start
     emb_start = time.perf_counter()
@@ -359,7 +367,8 @@ class Trainer:
     """Runs the epochs of one model: full-graph or neighbour-sampled minibatches."""
 
     def __init__(self, model: SpaMask, graph, x: np.ndarray, device: torch.device, *,
-                 minibatch: bool, rank: int = 0, world_size: int = 1):
+                 minibatch: bool, rank: int = 0, world_size: int = 1,
+                 tiles: np.ndarray | None = None):
         self.model, self.config = model, model.config
         self.device, self.minibatch, self.rank = device, minibatch, rank
         self.world_size = world_size
@@ -373,6 +382,7 @@ class Trainer:
         self.masker = EdgeMasker(self.graph, self.config.edge_mask, self.config.edge_drop_rate)
         self.negatives = NegativeSampler(self.graph, self.graph.ndata["slice"])
         self.start_epoch = 0
+        self.tiles = None if tiles is None else torch.from_numpy(np.asarray(tiles, np.int64))
 
     def fit(self, callback=None) -> None:
         """Train for ``config.epochs`` epochs (from ``start_epoch``), with progress and stopping."""
@@ -433,6 +443,15 @@ class Trainer:
             pos = pos[:, torch.randperm(pos.shape[1], device=pos.device)[:m]]
         return pos
 
+    def _seed_order(self, n: int) -> torch.Tensor:
+        """All nodes, in tiles of neighbouring spots whose order is shuffled (or 0..n-1)."""
+        if self.tiles is None:
+            return torch.arange(n)
+        n_tiles = int(self.tiles.max()) + 1
+        rank_of_tile = torch.empty(n_tiles, dtype=torch.int64)
+        rank_of_tile[torch.randperm(n_tiles)] = torch.arange(n_tiles)
+        return torch.argsort(rank_of_tile[self.tiles] * n + torch.arange(n))
+
     def _loader(self, graph, nodes: torch.Tensor, fanouts, batch_size: int, shuffle: bool,
                 use_ddp: bool = False):
         import dgl
@@ -455,8 +474,8 @@ class Trainer:
         pos = pos[:, order]
         ptr = torch.cumsum(torch.bincount(pos[0], minlength=n), 0)
         edge_sampler = neighbor_sampler(c.fanouts[:2])
-        loader = self._loader(g, torch.arange(n), c.fanouts, c.batch_size, True,
-                              use_ddp=self.world_size > 1)
+        loader = self._loader(g, self._seed_order(n), c.fanouts, c.batch_size,
+                              shuffle=self.tiles is None, use_ddp=self.world_size > 1)
         totals, n_batches = np.zeros(2), 0
         for input_nodes, seeds, blocks in loader:
             blocks = [b.to(self.device) for b in blocks]

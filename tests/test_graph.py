@@ -81,3 +81,18 @@ def test_errors(tiny_slices):
         si.build_graph(small, k=6)
     with pytest.raises(si.InputError, match="obs\\['sample'\\]"):
         si.build_graph(tiny_slices, batch_key="sample")
+
+
+def test_spatial_tiles_are_compact_and_within_slices(tiny_slices):
+    from spamask_integrate.graph import spatial_tiles
+
+    xy = tiny_slices.obsm["spatial"]
+    codes = tiny_slices.obs["slice"].cat.codes.to_numpy()
+    tiles = spatial_tiles(xy, codes, 32)
+    sizes = np.bincount(tiles)
+    assert sizes.max() <= 32 and sizes.sum() == 600
+    for t in np.unique(tiles):
+        assert len(np.unique(codes[tiles == t])) == 1  # a tile never spans two slices
+    spread = np.mean([xy[tiles == t].std(axis=0).mean() for t in np.unique(tiles)])
+    random_spread = xy[:300].std(axis=0).mean()
+    assert spread < 0.4 * random_spread
