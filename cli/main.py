@@ -196,11 +196,15 @@ RUN_KEYS = {"batch_key", "label_key", "n_domains", "cluster_method", "harmony", 
 @click.option("--config", "config_path", type=click.Path(),
               help="YAML with run parameters and 'train'/'preprocess' sections.")
 @click.option("--no-scib", is_flag=True, help="Skip scib-metrics (slow on large data).")
+@click.option("--checkpoint-every", type=int, default=0,
+              help="Write OUT/checkpoint.pt every E epochs (removed when the run succeeds).")
+@click.option("--resume", is_flag=True, help="Continue training from OUT/checkpoint.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in OUT.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epochs, batch_size,
-        fanouts, device, seed, n_domains, no_scib, overwrite, **options) -> None:
+        fanouts, device, seed, n_domains, no_scib, checkpoint_every, resume, overwrite,
+        **options) -> None:
     """Run the whole pipeline on SOURCES (.h5ad files, Visium folders, ...) into OUT.
 
     Writes integrated.h5ad, domains.csv, metrics.csv/.json, PNG figures and run.json.
@@ -232,23 +236,28 @@ def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epo
     config = si.SpamaskConfig().replace(**train_opts)
     _check_out_dir(out, overwrite)
     tic = time.perf_counter()
+    checkpoint = out / "checkpoint.pt" if (checkpoint_every or resume) else None
+    if checkpoint is not None:
+        out.mkdir(parents=True, exist_ok=True)
     adata = si.run(manifest or list(sources), None, config=config,
-                   preprocess_kwargs=cfg.get("preprocess"), **params)
-    from spamask_integrate.io import atomic_write, write_outputs
+                   preprocess_kwargs=cfg.get("preprocess"), checkpoint=checkpoint,
+                   checkpoint_every=checkpoint_every, resume=resume, **params)
+    from spamask_integrate.io import write_outputs
 
     metrics = _metrics_table(adata)
-    write_outputs(adata, out, metrics, batch_key=params.get("batch_key", "slice"),
-                  figures=params.get("figures", True), seed=config.seed)
     info = adata.uns["spamask"]["run"]
     record = {"status": "ok", "exit_code": 0, "command": sys.argv,
               "sources": [str(s) for s in (sources or [manifest])],
               "params": _jsonable(info["params"]), "versions": _jsonable(info["versions"]),
-              "seconds": {**_jsonable(info["seconds"]),
+              "seconds": {**_jsonable(info["seconds"]),  # "total" excludes writing the files
                           "total": round(time.perf_counter() - tic, 3)},
               "n_spots": int(adata.n_obs), "n_slices": int(adata.obs[params.get(
                   "batch_key", "slice")].nunique())}
-    with atomic_write(out / "run.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=1))
+    write_outputs(adata, out, metrics, batch_key=params.get("batch_key", "slice"),
+                  figures=params.get("figures", True), seed=config.seed,
+                  extra_files={"run.json": json.dumps(record, indent=1)})
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     _print_scores(metrics, out)
 
 

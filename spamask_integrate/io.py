@@ -70,21 +70,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------------------- sources
-def _as_sources(sources: Any, label_key: str | None) -> list[SliceSource]:
+def _as_sources(sources: Any) -> list[SliceSource]:
     """Turn a manifest path, a list of paths, tuples or dicts into :class:`SliceSource` objects."""
     if isinstance(sources, (str, os.PathLike)):
-        path = Path(sources)
-        if path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file() and _looks_like_manifest(path):
-            return _read_manifest(path, label_key)
         sources = [sources]
     if not isinstance(sources, Sequence) or len(sources) == 0:
         raise InputError("no slices given: pass a list of paths or a manifest file")
-    if len(sources) == 1 and isinstance(sources[0], (str, os.PathLike)):
-        only = Path(sources[0])
-        if only.suffix.lower() in (".yaml", ".yml") or (
-            only.suffix.lower() in (".csv", ".tsv") and only.is_file() and _looks_like_manifest(only)
-        ):
-            return _read_manifest(only, label_key)
+    if len(sources) == 1 and isinstance(sources[0], (str, os.PathLike)) \
+            and _is_manifest(Path(sources[0])):
+        return _read_manifest(Path(sources[0]))
     out = []
     for item in sources:
         if isinstance(item, SliceSource):
@@ -107,10 +101,13 @@ def _default_name(path: Path) -> str:
     return name
 
 
-def _looks_like_manifest(path: Path) -> bool:
-    """A CSV/TSV is a manifest if its header has a ``path`` column (a counts table has genes)."""
-    if path.suffix.lower() in (".yaml", ".yml"):
+def _is_manifest(path: Path) -> bool:
+    """YAML files are manifests; a CSV/TSV is one if its header has a ``path`` column."""
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
         return True
+    if suffix not in MANIFEST_SUFFIXES or not path.is_file():
+        return False
     try:
         with open(path) as fh:
             header = fh.readline()
@@ -120,7 +117,7 @@ def _looks_like_manifest(path: Path) -> bool:
     return "path" in [c.strip().strip('"') for c in header.split(sep)]
 
 
-def _read_manifest(path: Path, label_key: str | None) -> list[SliceSource]:
+def _read_manifest(path: Path) -> list[SliceSource]:
     if not path.is_file():
         raise InputError(f"{path}: manifest file not found")
     try:
@@ -328,7 +325,7 @@ def read_slices(
     """
     if join not in ("inner", "outer"):
         raise InputError(f"join={join!r}: use 'inner' or 'outer'")
-    srcs = _as_sources(sources, label_key)
+    srcs = _as_sources(sources)
     names = [s.name for s in srcs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -398,12 +395,14 @@ def write_outputs(
     figures: bool = True,
     umap_rep: str | None = None,
     seed: int = 0,
+    extra_files: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write the results of a run into ``out_dir``; return the paths written.
 
     Files: ``domains.csv`` (spot, slice, x, y, domain), ``metrics.csv`` and ``metrics.json``
     (when ``metrics`` is given), PNG figures (``spatial_domains.png``, ``umap.png``,
-    ``scores.png``) and, last, ``integrated.h5ad``: its presence means the run finished. All
+    ``scores.png``), ``extra_files`` (name -> text, e.g. ``run.json``) and, last,
+    ``integrated.h5ad``: its presence means the run finished. All
     files are first written into a hidden staging folder inside ``out_dir`` and renamed into
     place only when every one of them is complete; on any failure the staging folder is
     removed, so ``out_dir`` never holds a partial result.
@@ -426,6 +425,8 @@ def write_outputs(
                 json.dumps(metrics.to_dict(orient="records"), indent=1))
         if figures:
             _write_figures(adata, stage, metrics, batch_key, domain_key, umap_rep, seed)
+        for name, text in (extra_files or {}).items():
+            (stage / name).write_text(text)
         adata.write_h5ad(stage / "integrated.h5ad")
         names = sorted(p.name for p in stage.iterdir() if p.name != "integrated.h5ad")
         written = {}

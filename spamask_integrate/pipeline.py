@@ -44,6 +44,9 @@ def run(
     scib: bool = True,
     scib_max_spots: int = 20_000,
     figures: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
     **train_overrides: Any,
 ) -> ad.AnnData:
     """Read -> preprocess -> graph -> train -> integrate -> cluster -> evaluate -> write.
@@ -57,6 +60,8 @@ def run(
         Where :func:`write_outputs` puts the files; ``None`` writes nothing.
     harmony
         Harmony on the embedding; ``None`` = on when there are several slices.
+    checkpoint, checkpoint_every, resume
+        Training checkpoints, as in :func:`train`.
     train_overrides
         Fields of :class:`SpamaskConfig` (``epochs``, ``seed``, ``minibatch``, ``device``, ...);
         ``seed`` also seeds preprocessing, Harmony, clustering and scoring.
@@ -88,7 +93,8 @@ def run(
     with step("graph"):
         graph = build_graph(adata, batch_key, graph_method, k, radius, platform=platform)
     with step("train"):
-        train(adata, graph, batch_key, config)
+        train(adata, graph, batch_key, config, checkpoint=checkpoint,
+              checkpoint_every=checkpoint_every, resume=resume)
     n_slices = adata.obs[batch_key].nunique()
     use_harmony = (n_slices > 1) if harmony is None else bool(harmony)
     if use_harmony:

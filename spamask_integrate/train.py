@@ -269,7 +269,8 @@ class SpaMask:
 # ---------------------------------------------------------------------------- public API
 def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
           config: SpamaskConfig | None = None, *, use_rep: str | None = None,
-          key_added: str = Keys.EMB, **overrides: Any) -> SpaMask:
+          key_added: str = Keys.EMB, checkpoint: str | Path | None = None,
+          checkpoint_every: int = 0, resume: bool = False, **overrides: Any) -> SpaMask:
     """Train SpaMask on ``adata`` and write the embedding.
 
     Parameters
@@ -281,6 +282,10 @@ def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
         ``device``, ...) replace single fields.
     use_rep
         Model input; default the key ``preprocess`` recorded (``"X_pca"``).
+    checkpoint, checkpoint_every, resume
+        Write a checkpoint to ``checkpoint`` every ``checkpoint_every`` epochs; with ``resume``
+        continue from it. Epochs re-seed from (seed, epoch), so on CPU a resumed run ends with
+        the same embedding as an uninterrupted one.
 
     Reads ``obsm[use_rep]``, ``obs[batch_key]``. Writes ``obsm[key_added]`` and
     ``uns["spamask"]["train"]`` (config, seed, versions, device, per-epoch losses, timings).
@@ -306,7 +311,11 @@ def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
                               batch_codes(adata, batch_key), config.tile_size)
     start = time.perf_counter()
     trainer = Trainer(model, graph, x, device, minibatch=bool(minibatch), tiles=tiles)
-    trainer.fit()
+    if resume:
+        if checkpoint is None:
+            raise ConfigError("resume=True needs the checkpoint path")
+        trainer.load_checkpoint(checkpoint)
+    trainer.fit(checkpoint, checkpoint_every)
     train_seconds = time.perf_counter() - start
     emb_start = time.perf_counter()
     model.embed(adata, graph, batch_key=batch_key, key_added=key_added)
@@ -384,12 +393,18 @@ class Trainer:
         self.start_epoch = 0
         self.tiles = None if tiles is None else torch.from_numpy(np.asarray(tiles, np.int64))
 
-    def fit(self, callback=None) -> None:
-        """Train for ``config.epochs`` epochs (from ``start_epoch``), with progress and stopping."""
+    def fit(self, checkpoint: str | Path | None = None, checkpoint_every: int = 0) -> None:
+        """Train for ``config.epochs`` epochs (from ``start_epoch``), with progress and stopping.
+
+        With ``checkpoint`` and ``checkpoint_every`` = E, rank 0 writes a checkpoint atomically
+        after every E-th epoch (see :meth:`save_checkpoint`).
+        """
         from tqdm.auto import tqdm
 
         c = self.config
-        best, stale = np.inf, 0
+        losses = self.model.history.get("loss", [])
+        best = min(losses, default=np.inf)
+        stale = len(losses) - 1 - int(np.argmin(losses)) if losses else 0
         bar = tqdm(range(self.start_epoch, c.epochs), desc="SpaMask", unit="epoch",
                    disable=c.quiet or self.rank != 0, leave=False)
         self.module.train()
@@ -403,8 +418,9 @@ class Trainer:
             for name, value in (("loss", loss), ("sce", sce), ("edge", edge), ("seconds", seconds)):
                 self.model.history.setdefault(name, []).append(float(value))
             bar.set_postfix(loss=f"{loss:.4f}", sce=f"{sce:.4f}", edge=f"{edge:.4f}")
-            if callback is not None:
-                callback(epoch)
+            if checkpoint and checkpoint_every and (epoch + 1) % checkpoint_every == 0 \
+                    and self.rank == 0:
+                self.save_checkpoint(checkpoint, epoch + 1)
             if c.patience:
                 if loss < best - c.min_delta:
                     best, stale = loss, 0
@@ -414,6 +430,39 @@ class Trainer:
                         logger.info("early stop at epoch %d (loss %.4f)", epoch, loss)
                         break
         self.module.eval()
+
+    def save_checkpoint(self, path: str | Path, epochs_done: int) -> None:
+        """Model, optimizer, epochs done, history and RNG states, written atomically."""
+        from .io import atomic_write
+
+        payload = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "epochs_done": epochs_done, "history": self.model.history,
+                   "config": self.config.to_dict(), "in_dim": self.model.in_dim,
+                   "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                           "python": random.getstate()}}
+        with atomic_write(path) as tmp:
+            torch.save(payload, tmp)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Continue from a checkpoint of the same configuration (epochs may differ)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no checkpoint to resume from")
+        payload = torch.load(path, map_location=self.device)
+        saved = {k: v for k, v in payload["config"].items() if k not in ("epochs", "quiet")}
+        mine = {k: v for k, v in self.config.to_dict().items() if k not in ("epochs", "quiet")}
+        if saved != mine or payload["in_dim"] != self.model.in_dim:
+            changed = sorted(k for k in mine if saved.get(k) != mine[k])
+            raise ConfigError(f"{path}: checkpoint of another configuration "
+                              f"(differs in {', '.join(changed) or 'input dimension'})")
+        self.module.load_state_dict(payload["module"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.model.history = {k: list(v) for k, v in payload["history"].items()}
+        self.start_epoch = int(payload["epochs_done"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        np.random.set_state(payload["rng"]["numpy"])
+        random.setstate(payload["rng"]["python"])
+        logger.info("resumed from %s after epoch %d", path, self.start_epoch)
 
     def _step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -153,3 +153,58 @@ def test_bad_parameters(tiny_prepped, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(si.ResourceError, match="CUDA"):
             si.train(adata, g, device="cuda", **FAST)
+
+
+RESUME_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+import spamask_integrate as si
+a = si.datasets.synthetic_slices(2, 300, 120, 4, seed=1)
+si.preprocess(a, n_top_genes=None, n_comps=20, min_cells=5)
+g = si.build_graph(a, k=6)
+si.train(a, g, epochs=int(sys.argv[2]), seed=4, hidden_dim=32, latent_dim=16,
+         edge_decoder_hidden=32, quiet=True, checkpoint=sys.argv[1], checkpoint_every=2,
+         resume=len(sys.argv) > 3)
+a.write_h5ad(sys.argv[1] + ".h5ad")
+"""
+
+
+def test_killed_job_resumes_to_the_same_embedding(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import anndata as ad
+
+    script = tmp_path / "job.py"
+    script.write_text(RESUME_SCRIPT)
+    ckpt = tmp_path / "ckpt.pt"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "full.pt"), "40"], check=True,
+                   env=env)
+    job = subprocess.Popen([sys.executable, str(script), str(ckpt), "40"], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it with SIGKILL once a mid-run checkpoint exists
+        if ckpt.exists() and torch.load(ckpt)["epochs_done"] >= 4:
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    saved = torch.load(ckpt)["epochs_done"]
+    assert 4 <= saved < 40, "the job finished before it could be killed"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")]  # no temp left
+    subprocess.run([sys.executable, str(script), str(ckpt), "40", "resume"], check=True, env=env)
+    full = ad.read_h5ad(tmp_path / "full.pt.h5ad")
+    resumed = ad.read_h5ad(str(ckpt) + ".h5ad")
+    assert np.array_equal(full.obsm["X_spamask"], resumed.obsm["X_spamask"])
+    assert np.allclose(full.uns["spamask"]["train"]["loss"], resumed.uns["spamask"]["train"]["loss"])
+
+
+def test_resume_rejects_another_configuration(tiny_prepped, tmp_path):
+    adata, g = tiny_prepped
+    si.train(adata, g, seed=0, checkpoint=tmp_path / "c.pt", checkpoint_every=4, **FAST)
+    with pytest.raises(si.ConfigError, match="mask_rate"):
+        si.train(adata, g, seed=0, mask_rate=0.3, checkpoint=tmp_path / "c.pt", resume=True,
+                 **FAST)
