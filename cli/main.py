@@ -199,12 +199,20 @@ RUN_KEYS = {"batch_key", "label_key", "n_domains", "cluster_method", "harmony", 
 @click.option("--checkpoint-every", type=int, default=0,
               help="Write OUT/checkpoint.pt every E epochs (removed when the run succeeds).")
 @click.option("--resume", is_flag=True, help="Continue training from OUT/checkpoint.pt.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Data-parallel training processes on this machine (torchrun).")
+@click.option("--nnodes", type=int, default=1, show_default=True, help="Machines in all.")
+@click.option("--node-rank", type=int, default=0, show_default=True,
+              help="This machine's rank (0 writes the results).")
+@click.option("--master-addr", default="127.0.0.1", show_default=True,
+              help="Address of node 0 for several machines.")
+@click.option("--master-port", type=int, default=None, help="Port on node 0 [a free one].")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in OUT.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epochs, batch_size,
-        fanouts, device, seed, n_domains, no_scib, checkpoint_every, resume, overwrite,
-        **options) -> None:
+        fanouts, device, seed, n_domains, no_scib, checkpoint_every, resume, nproc, nnodes,
+        node_rank, master_addr, master_port, overwrite, **options) -> None:
     """Run the whole pipeline on SOURCES (.h5ad files, Visium folders, ...) into OUT.
 
     Writes integrated.h5ad, domains.csv, metrics.csv/.json, PNG figures and run.json.
@@ -236,12 +244,21 @@ def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epo
     config = si.SpamaskConfig().replace(**train_opts)
     _check_out_dir(out, overwrite)
     tic = time.perf_counter()
+    if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise ConfigError("--nproc and --nnodes must be >= 1 and 0 <= --node-rank < --nnodes")
+    if (nnodes > 1 or nproc > 1) and mode == "full":
+        raise ConfigError("--nproc/--nnodes train with minibatches; drop --full-graph")
     checkpoint = out / "checkpoint.pt" if (checkpoint_every or resume) else None
     if checkpoint is not None:
         out.mkdir(parents=True, exist_ok=True)
     adata = si.run(manifest or list(sources), None, config=config,
                    preprocess_kwargs=cfg.get("preprocess"), checkpoint=checkpoint,
-                   checkpoint_every=checkpoint_every, resume=resume, **params)
+                   checkpoint_every=checkpoint_every, resume=resume, nproc=nproc,
+                   nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                   master_port=master_port, **params)
+    if node_rank > 0:
+        click.echo(f"node {node_rank}: training done; node 0 writes the results")
+        return
     from spamask_integrate.io import write_outputs
 
     metrics = _metrics_table(adata)

@@ -87,6 +87,11 @@ class SpaMaskModule(nn.Module):
         self.decoder = GCNLayer(latent_dim, in_dim)
         self.edge_decoder = EdgeDecoder(latent_dim, edge_decoder_hidden, edge_decoder_dropout)
 
+    def forward(self, gae: dict, edge: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both losses of one step from the keyword arguments of :meth:`gae_loss` and
+        :meth:`edge_loss`: one call, so ``DistributedDataParallel`` sees every parameter."""
+        return self.gae_loss(**gae), self.edge_loss(**edge)
+
     def mask_input(self, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Masked rows become the token ("replace") or features + token ("reference")."""
         keep = (~masked).unsqueeze(1).to(x.dtype)

@@ -47,6 +47,11 @@ def run(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    nproc: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
     **train_overrides: Any,
 ) -> ad.AnnData:
     """Read -> preprocess -> graph -> train -> integrate -> cluster -> evaluate -> write.
@@ -62,6 +67,10 @@ def run(
         Harmony on the embedding; ``None`` = on when there are several slices.
     checkpoint, checkpoint_every, resume
         Training checkpoints, as in :func:`train`.
+    nproc, nnodes, node_rank, master_addr, master_port
+        Data-parallel minibatch training with ``nproc`` processes per node through torchrun
+        (see :mod:`spamask_integrate.distributed`). Nodes other than 0 return after training,
+        without embedding or writing.
     train_overrides
         Fields of :class:`SpamaskConfig` (``epochs``, ``seed``, ``minibatch``, ``device``, ...);
         ``seed`` also seeds preprocessing, Harmony, clustering and scoring.
@@ -93,8 +102,16 @@ def run(
     with step("graph"):
         graph = build_graph(adata, batch_key, graph_method, k, radius, platform=platform)
     with step("train"):
-        train(adata, graph, batch_key, config, checkpoint=checkpoint,
-              checkpoint_every=checkpoint_every, resume=resume)
+        if nproc > 1 or nnodes > 1:
+            model = _train_parallel(adata, graph, batch_key, config, nproc, nnodes, node_rank,
+                                    master_addr, master_port, checkpoint, checkpoint_every,
+                                    resume)
+            if model is None:
+                logger.info("node %d: training done; node 0 writes the results", node_rank)
+                return adata
+        else:
+            train(adata, graph, batch_key, config, checkpoint=checkpoint,
+                  checkpoint_every=checkpoint_every, resume=resume)
     n_slices = adata.obs[batch_key].nunique()
     use_harmony = (n_slices > 1) if harmony is None else bool(harmony)
     if use_harmony:
@@ -108,7 +125,7 @@ def run(
         keys = [Keys.PCA, Keys.EMB] + ([Keys.EMB_HARMONY] if use_harmony else [])
         metrics = evaluate(adata, label_key, batch_key, keys if scib else None, scib=scib,
                            scib_max_spots=scib_max_spots, seed=seed)
-    params = {"batch_key": batch_key, "label_key": label_key or "", "n_domains": n_domains or 0,
+    params = {"nproc": nproc, "nnodes": nnodes, "batch_key": batch_key, "label_key": label_key or "", "n_domains": n_domains or 0,
               "cluster_method": cluster_method, "harmony": use_harmony, "refine": refine,
               "graph_method": graph_method, "k": k or 0, "radius": radius or 0,
               "platform": platform or "", "preprocess": preprocess_kwargs or {},
@@ -121,3 +138,20 @@ def run(
         adata.uns[Keys.UNS]["run"]["seconds"] = timings
     logger.info("run finished: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return adata
+
+
+def _train_parallel(adata, graph, batch_key, config, nproc, nnodes, node_rank, master_addr,
+                    master_port, checkpoint, checkpoint_every, resume):
+    from .distributed import train_distributed
+    from .train import embed_and_record, resolve_device
+
+    tic = time.perf_counter()
+    model = train_distributed(adata, batch_key, config, nproc=nproc, nnodes=nnodes,
+                              node_rank=node_rank, master_addr=master_addr,
+                              master_port=master_port, checkpoint=checkpoint,
+                              checkpoint_every=checkpoint_every, resume=resume)
+    if model is not None:
+        embed_and_record(adata, model, graph, batch_key=batch_key, key_added=Keys.EMB,
+                         mode="minibatch-ddp", device=resolve_device(config.device),
+                         train_seconds=time.perf_counter() - tic, processes=nproc * nnodes)
+    return model

@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- seeding, device
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """A 31-bit seed derived from (seed, rank, epoch) (DGL takes a signed int)."""
-    return int(np.random.SeedSequence([int(seed), int(rank), int(epoch)]).generate_state(1)[0] >> 1)
+    """A 31-bit seed derived from (seed, rank, epoch) (DGL takes a signed int); rank -1 gives
+    the draws every rank must share."""
+    return int(np.random.SeedSequence([int(seed), int(rank) + 1, int(epoch)])
+               .generate_state(1)[0] >> 1)
 
 
 def seed_all(seed: int) -> None:
@@ -317,18 +319,28 @@ def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
         trainer.load_checkpoint(checkpoint)
     trainer.fit(checkpoint, checkpoint_every)
     train_seconds = time.perf_counter() - start
-    emb_start = time.perf_counter()
-    model.embed(adata, graph, batch_key=batch_key, key_added=key_added)
-    record(adata, "train", {
-        "config": config.to_dict(), "seed": config.seed, "device": str(device),
-        "mode": "minibatch" if minibatch else "full-graph", "input_key": use_rep,
-        "key_added": key_added, "epochs_run": len(model.history["loss"]),
-        "loss": np.asarray(model.history["loss"]), "sce": np.asarray(model.history["sce"]),
-        "edge": np.asarray(model.history["edge"]), "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / max(len(model.history["loss"]), 1),
-        "inference_seconds": time.perf_counter() - emb_start, "versions": versions(),
-    })
+    embed_and_record(adata, model, graph, batch_key=batch_key, key_added=key_added,
+                     mode="minibatch" if minibatch else "full-graph", device=device,
+                     train_seconds=train_seconds)
     return model
+
+
+def embed_and_record(adata: ad.AnnData, model: SpaMask, graph, *, batch_key: str,
+                     key_added: str, mode: str, device, train_seconds: float,
+                     processes: int = 1) -> None:
+    """Embed all spots once and record the training in ``uns["spamask"]["train"]``."""
+    tic = time.perf_counter()
+    model.embed(adata, graph, batch_key=batch_key, key_added=key_added)
+    h = model.history
+    record(adata, "train", {
+        "config": model.config.to_dict(), "seed": model.config.seed, "device": str(device),
+        "mode": mode, "processes": processes, "input_key": model.input_key,
+        "key_added": key_added, "epochs_run": len(h["loss"]),
+        "loss": np.asarray(h["loss"]), "sce": np.asarray(h["sce"]),
+        "edge": np.asarray(h["edge"]), "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / max(len(h["loss"]), 1),
+        "inference_seconds": time.perf_counter() - tic, "versions": versions(),
+    })
 
 
 def versions() -> dict[str, str]:
@@ -392,6 +404,8 @@ class Trainer:
         self.negatives = NegativeSampler(self.graph, self.graph.ndata["slice"])
         self.start_epoch = 0
         self.tiles = None if tiles is None else torch.from_numpy(np.asarray(tiles, np.int64))
+        self.net = self.module  # replaced by a DistributedDataParallel wrapper in workers
+        self.seed_log: list | None = None  # (epoch, seed nodes) of every minibatch, if a list
 
     def fit(self, checkpoint: str | Path | None = None, checkpoint_every: int = 0) -> None:
         """Train for ``config.epochs`` epochs (from ``start_epoch``), with progress and stopping.
@@ -477,12 +491,15 @@ class Trainer:
         masked = torch.zeros(n, dtype=torch.bool, device=x.device)
         masked[torch.randperm(n, device=x.device)[: int(c.mask_rate * n)]] = True
         w = self.norm
-        sce = self.module.gae_loss([g, g], [w, w], g, w, x, masked, masked, x, masked, c.alpha)
         kept, pos = self.masker.draw()
         pos = self._cap(pos, n)
         neg = self.negatives(pos[0])
         wk = gcn_norms(kept)
-        edge = self.module.edge_loss([kept, kept], [wk, wk], x, pos, neg)
+        sce, edge = self.net(
+            dict(enc_graphs=[g, g], enc_weights=[w, w], dec_graph=g, dec_weight=w, x_in=x,
+                 masked_in=masked, masked_mid=masked, x_target=x, masked_out=masked,
+                 alpha=c.alpha),
+            dict(enc_graphs=[kept, kept], enc_weights=[wk, wk], x_in=x, pos=pos, neg=neg))
         self._step(sce + c.lam * edge)
         return float(sce), float(edge)
 
@@ -492,22 +509,27 @@ class Trainer:
             pos = pos[:, torch.randperm(pos.shape[1], device=pos.device)[:m]]
         return pos
 
-    def _seed_order(self, n: int) -> torch.Tensor:
-        """All nodes, in tiles of neighbouring spots whose order is shuffled (or 0..n-1)."""
+    def _seed_order(self, n: int, epoch: int) -> torch.Tensor:
+        """All nodes in this epoch's shuffled order: random spots, or random spatial tiles.
+
+        Drawn from (seed, epoch) alone, so every data-parallel rank holds the same order and
+        DGL's ``use_ddp`` split gives each rank a disjoint share of it.
+        """
+        gen = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch, rank=-1))
         if self.tiles is None:
-            return torch.arange(n)
+            return torch.randperm(n, generator=gen)
         n_tiles = int(self.tiles.max()) + 1
         rank_of_tile = torch.empty(n_tiles, dtype=torch.int64)
-        rank_of_tile[torch.randperm(n_tiles)] = torch.arange(n_tiles)
+        rank_of_tile[torch.randperm(n_tiles, generator=gen)] = torch.arange(n_tiles)
         return torch.argsort(rank_of_tile[self.tiles] * n + torch.arange(n))
 
-    def _loader(self, graph, nodes: torch.Tensor, fanouts, batch_size: int, shuffle: bool,
+    def _loader(self, graph, nodes: torch.Tensor, fanouts, batch_size: int,
                 use_ddp: bool = False):
         import dgl
 
         sampler = neighbor_sampler(fanouts)
         return dgl.dataloading.DataLoader(graph, nodes, sampler, batch_size=batch_size,
-                                          shuffle=shuffle, drop_last=False, use_ddp=use_ddp,
+                                          shuffle=False, drop_last=False, use_ddp=use_ddp,
                                           use_prefetch_thread=False)
 
     def _minibatch_epoch(self, epoch: int) -> tuple[float, float]:
@@ -523,18 +545,18 @@ class Trainer:
         pos = pos[:, order]
         ptr = torch.cumsum(torch.bincount(pos[0], minlength=n), 0)
         edge_sampler = neighbor_sampler(c.fanouts[:2])
-        loader = self._loader(g, self._seed_order(n), c.fanouts, c.batch_size,
-                              shuffle=self.tiles is None, use_ddp=self.world_size > 1)
+        loader = self._loader(g, self._seed_order(n, epoch), c.fanouts, c.batch_size,
+                              use_ddp=self.world_size > 1)
         totals, n_batches = np.zeros(2), 0
         for input_nodes, seeds, blocks in loader:
+            if self.seed_log is not None:
+                self.seed_log.append((epoch, seeds.clone()))
             blocks = [b.to(self.device) for b in blocks]
             w = [gcn_norms(b, self.deg.to(self.device)) for b in blocks]
             mid = blocks[2].srcdata[dgl.NID].cpu()
             x_in = x[input_nodes].to(self.device)
             x_out = x[seeds].to(self.device)
             m_in, m_mid, m_out = (masked[ids].to(self.device) for ids in (input_nodes, mid, seeds))
-            sce = self.module.gae_loss(blocks[:2], w[:2], blocks[2], w[2], x_in, m_in, m_mid,
-                                    x_out, m_out, c.alpha)
             pos_b = self._cap(_rows_of(pos, ptr, seeds), seeds.numel())
             neg_b = self.negatives(pos_b[0])
             nodes, inverse = torch.unique(torch.cat([pos_b, neg_b], 1), return_inverse=True)
@@ -542,9 +564,12 @@ class Trainer:
             blocks2 = [b.to(self.device) for b in blocks2]
             w2 = [gcn_norms(b, kept_deg.to(self.device)) for b in blocks2]
             m = pos_b.shape[1]
-            edge = self.module.edge_loss(blocks2, w2, x[in2].to(self.device),
-                                         inverse[:, :m].to(self.device),
-                                         inverse[:, m:].to(self.device))
+            sce, edge = self.net(
+                dict(enc_graphs=blocks[:2], enc_weights=w[:2], dec_graph=blocks[2],
+                     dec_weight=w[2], x_in=x_in, masked_in=m_in, masked_mid=m_mid,
+                     x_target=x_out, masked_out=m_out, alpha=c.alpha),
+                dict(enc_graphs=blocks2, enc_weights=w2, x_in=x[in2].to(self.device),
+                     pos=inverse[:, :m].to(self.device), neg=inverse[:, m:].to(self.device)))
             self._step(sce + c.lam * edge)
             totals += (float(sce), float(edge))
             n_batches += 1
