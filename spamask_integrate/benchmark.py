@@ -20,7 +20,9 @@ from .io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("spamask", "pca", "smoothed_pca")
+#: spamask_reference: the reference's leaky masking (token added, one-direction edge drop)
+METHODS = ("spamask", "spamask_reference", "pca", "smoothed_pca")
+_REFERENCE_MASKING = {"mask_mode": "reference", "edge_mask": "reference"}
 KEY_COLUMNS = ["dataset", "method", "harmony", "cluster", "seed"]
 RESULT_COLUMNS = KEY_COLUMNS + ["status", "error", "seconds", "kind", "scope", "embedding",
                                 "metric", "value"]
@@ -170,9 +172,10 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
     try:
         ds, adata = _prepared(plan, combo.dataset, cache)
         batch_key = ds.get("batch_key", Keys.BATCH)
-        if combo.method == "spamask":
+        if combo.method.startswith("spamask"):
+            extra = _REFERENCE_MASKING if combo.method == "spamask_reference" else {}
             train(adata, to_dgl(adata, batch_key), batch_key, seed=combo.seed, quiet=True,
-                  **s.get("train", {}))
+                  **{**s.get("train", {}), **extra})
             rep = Keys.EMB
         elif combo.method == "smoothed_pca":
             smoothed_pca(adata, batch_key)
