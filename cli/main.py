@@ -390,7 +390,12 @@ def benchmark(ctx: click.Context, plan, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ demo
-@main.command()
+@main.command(epilog="""
+\b
+Examples:
+  spamask-integrate demo                  # writes ./demo_out
+  spamask-integrate -q demo -o /tmp/demo --seed 1
+""")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("demo_out"),
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
