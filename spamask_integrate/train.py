@@ -396,7 +396,7 @@ class Trainer:
         self.module = model.module.to(device)
         self.x = torch.from_numpy(x).to(device if not minibatch else "cpu")
         self.graph = graph.to(device) if not minibatch else graph
-        self.deg = self.graph.in_degrees()
+        self.deg = self.graph.in_degrees().to(device)  # full-graph degrees, for block norms
         self.norm = gcn_norms(self.graph)
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.config.lr,
                                           weight_decay=self.config.weight_decay)
@@ -540,7 +540,7 @@ class Trainer:
         masked = torch.zeros(n, dtype=torch.bool)
         masked[torch.randperm(n)[: int(c.mask_rate * n)]] = True
         kept, pos = self.masker.draw()
-        kept_deg = kept.in_degrees()
+        kept_deg = kept.in_degrees().to(self.device)
         order = torch.argsort(pos[0], stable=True)
         pos = pos[:, order]
         ptr = torch.cumsum(torch.bincount(pos[0], minlength=n), 0)
@@ -552,7 +552,7 @@ class Trainer:
             if self.seed_log is not None:
                 self.seed_log.append((epoch, seeds.clone()))
             blocks = [b.to(self.device) for b in blocks]
-            w = [gcn_norms(b, self.deg.to(self.device)) for b in blocks]
+            w = [gcn_norms(b, self.deg) for b in blocks]
             mid = blocks[2].srcdata[dgl.NID].cpu()
             x_in = x[input_nodes].to(self.device)
             x_out = x[seeds].to(self.device)
@@ -562,7 +562,7 @@ class Trainer:
             nodes, inverse = torch.unique(torch.cat([pos_b, neg_b], 1), return_inverse=True)
             in2, _, blocks2 = edge_sampler.sample(kept, nodes)
             blocks2 = [b.to(self.device) for b in blocks2]
-            w2 = [gcn_norms(b, kept_deg.to(self.device)) for b in blocks2]
+            w2 = [gcn_norms(b, kept_deg) for b in blocks2]
             m = pos_b.shape[1]
             sce, edge = self.net(
                 dict(enc_graphs=blocks[:2], enc_weights=w[:2], dec_graph=blocks[2],
