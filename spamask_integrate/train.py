@@ -545,7 +545,10 @@ class Trainer:
         pos = pos[:, order]
         ptr = torch.cumsum(torch.bincount(pos[0], minlength=n), 0)
         edge_sampler = neighbor_sampler(c.fanouts[:2])
-        loader = self._loader(g, self._seed_order(n, epoch), c.fanouts, c.batch_size,
+        # batch_size is the global batch: each of the world_size ranks takes its share, so
+        # the steps per epoch and the samples per step match single-process training
+        per_rank = max(1, -(-c.batch_size // self.world_size))
+        loader = self._loader(g, self._seed_order(n, epoch), c.fanouts, per_rank,
                               use_ddp=self.world_size > 1)
         totals, n_batches = np.zeros(2), 0
         for input_nodes, seeds, blocks in loader:
