@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from _common import RESULTS, peak_rss_gb, write_result
 
