@@ -7,6 +7,7 @@ CSV/TSV (spots x genes) plus a coordinates CSV. Writes nothing on failure.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import tempfile
@@ -67,6 +68,21 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_parts(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that :func:`atomic_write` left beside ``path``.
+
+    Only a process killed outright (SIGKILL, power loss) leaves one behind; the next writer of
+    the same file (a resumed training job, say) calls this so they do not pile up.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.part{path.suffix}"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 # ---------------------------------------------------------------------------- sources

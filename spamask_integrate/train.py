@@ -447,8 +447,9 @@ class Trainer:
 
     def save_checkpoint(self, path: str | Path, epochs_done: int) -> None:
         """Model, optimizer, epochs done, history and RNG states, written atomically."""
-        from .io import atomic_write
+        from .io import atomic_write, remove_stale_parts
 
+        remove_stale_parts(path)  # left by a run killed while writing (only rank 0 writes)
         payload = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "epochs_done": epochs_done, "history": self.model.history,
                    "config": self.config.to_dict(), "in_dim": self.model.in_dim,

@@ -229,6 +229,19 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_stale_parts_of_a_killed_writer_are_swept(tmp_path):
+    from spamask_integrate.io import remove_stale_parts
+
+    target = tmp_path / "ckpt.pt"
+    target.write_text("last complete")
+    stale = tmp_path / ".ckpt.pt.x1y2z3.part.pt"  # as atomic_write names it; its writer died
+    stale.write_text("half")
+    other = tmp_path / ".other.pt.x1y2z3.part.pt"
+    other.write_text("another file's")
+    assert remove_stale_parts(target) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "ckpt.pt"]
+
+
 # ----------------------------------------------------------------- real data
 @requires_dlpfc
 def test_dlpfc_four_slices_and_graph():

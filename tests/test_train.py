@@ -194,8 +194,10 @@ def test_killed_job_resumes_to_the_same_embedding(tmp_path):
     job.wait()
     saved = torch.load(ckpt)["epochs_done"]
     assert 4 <= saved < 40, "the job finished before it could be killed"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")]  # no temp left
+    # SIGKILL may land inside a write: the last complete checkpoint stays readable (above) and
+    # the resumed job sweeps the stray temporary file away
     subprocess.run([sys.executable, str(script), str(ckpt), "40", "resume"], check=True, env=env)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")]
     full = ad.read_h5ad(tmp_path / "full.pt.h5ad")
     resumed = ad.read_h5ad(str(ckpt) + ".h5ad")
     assert np.array_equal(full.obsm["X_spamask"], resumed.obsm["X_spamask"])
