@@ -1,5 +1,14 @@
-"""Batch evaluation from a plan: every dataset x method x Harmony x clustering x seed, one tidy
-table, resumable, surviving a failing combination."""
+"""Batch evaluation from a plan: every dataset x method x variant x Harmony x clustering x seed,
+one tidy table, resumable, surviving a failing combination.
+
+Variants (``settings.variants``) are named overrides of the defaults, for ablations::
+
+    variants:
+      default: {}
+      mask_rate_0.3: {train: {mask_rate: 0.3}}
+      hvg_input: {preprocess: {n_comps: null}}
+      k_6: {k: 6}
+"""
 
 from __future__ import annotations
 
@@ -20,10 +29,12 @@ from .io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-#: spamask_reference: the reference's leaky masking (token added, one-direction edge drop)
-METHODS = ("spamask", "spamask_reference", "pca", "smoothed_pca")
+#: spamask_reference: the reference's leaky masking (token added, one-direction edge drop);
+#: spamask_per_slice: each slice preprocessed, trained and clustered on its own (no Harmony)
+METHODS = ("spamask", "spamask_reference", "spamask_per_slice", "pca", "smoothed_pca")
+VARIANT_FIELDS = ("train", "preprocess", "k")
 _REFERENCE_MASKING = {"mask_mode": "reference", "edge_mask": "reference"}
-KEY_COLUMNS = ["dataset", "method", "harmony", "cluster", "seed"]
+KEY_COLUMNS = ["dataset", "method", "variant", "harmony", "cluster", "seed"]
 RESULT_COLUMNS = KEY_COLUMNS + ["status", "error", "seconds", "kind", "scope", "embedding",
                                 "metric", "value"]
 
@@ -34,13 +45,15 @@ class Combination:
 
     dataset: str
     method: str
+    variant: str
     harmony: bool
     cluster: str
     seed: int
 
     @property
     def key(self) -> tuple:
-        return (self.dataset, self.method, bool(self.harmony), self.cluster, int(self.seed))
+        return (self.dataset, self.method, self.variant, bool(self.harmony), self.cluster,
+                int(self.seed))
 
 
 def load_plan(path: str | Path) -> dict[str, Any]:
@@ -75,6 +88,16 @@ def load_plan(path: str | Path) -> dict[str, Any]:
     bad = sorted(set(settings.get("methods", ["spamask"])) - set(METHODS))
     if bad:
         raise ConfigError(f"{path}: unknown method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
+    variants = settings.get("variants") or {"default": {}}
+    if not isinstance(variants, dict):
+        raise ConfigError(f"{path}: 'variants' must map a name to its overrides")
+    for name, over in variants.items():
+        over = over or {}
+        if not isinstance(over, dict) or set(over) - set(VARIANT_FIELDS):
+            raise ConfigError(f"{path}: variant {name!r} may only set "
+                              f"{', '.join(VARIANT_FIELDS)}")
+        variants[name] = over
+    settings["variants"] = {str(k): v for k, v in variants.items()}
     return plan
 
 
@@ -88,9 +111,14 @@ def combinations(plan: dict[str, Any]) -> list[Combination]:
     s = plan["settings"]
     grid = itertools.product(
         [d["name"] for d in plan["datasets"]], s.get("methods", ["spamask"]),
-        [bool(h) for h in s.get("harmony", [True])], s.get("cluster", ["gmm"]),
-        [int(x) for x in s.get("seeds", [0])])
-    return [Combination(*c) for c in grid]
+        list(s["variants"]), [bool(h) for h in s.get("harmony", [True])],
+        s.get("cluster", ["gmm"]), [int(x) for x in s.get("seeds", [0])])
+    out = []
+    for c in grid:
+        if c[1] == "spamask_per_slice" and c[3]:
+            continue  # one slice at a time: nothing for Harmony to align
+        out.append(Combination(*c))
+    return out
 
 
 def run_plan(plan_path: str | Path, out_dir: str | Path, *, progress: bool = True) -> pd.DataFrame:
@@ -123,13 +151,16 @@ def run_plan(plan_path: str | Path, out_dir: str | Path, *, progress: bool = Tru
 
 
 def _key(c: Combination) -> tuple:
-    return (c.dataset, c.method, bool(c.harmony), c.cluster, int(c.seed))
+    return c.key
 
 
 def _read_results(path: Path) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame(columns=RESULT_COLUMNS)
     table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    if "variant" not in table:  # written before variants existed
+        table.insert(KEY_COLUMNS.index("variant"), "variant", "default")
+    table["variant"] = table["variant"].astype(str)
     table["harmony"] = table["harmony"].astype(str).str.lower() == "true"
     table["seed"] = table["seed"].astype(int)
     table["embedding"] = table["embedding"].fillna("")
@@ -137,25 +168,71 @@ def _read_results(path: Path) -> pd.DataFrame:
     return table
 
 
-def _prepared(plan: dict, name: str, cache: dict):
-    """Read + preprocess + graph of a dataset, once per invocation."""
-    from .graph import build_graph
-    from .io import read_slices
-    from .preprocess import preprocess
+def _options(plan: dict, ds: dict, variant: str) -> tuple[dict, dict, int | None]:
+    """Preprocessing, training and graph-k settings of a dataset under a variant."""
+    s, over = plan["settings"], plan["settings"]["variants"][variant]
+    pre = {**s.get("preprocess", {}), **(over.get("preprocess") or {})}
+    train = {**s.get("train", {}), **(over.get("train") or {})}
+    k = over.get("k", ds.get("k", s.get("k")))
+    return pre, train, k
 
-    if name not in cache:
+
+def _raw(plan: dict, name: str, cache: dict):
+    """The dataset as read (labels dropped as the plan says), once per invocation."""
+    from .io import read_slices
+
+    if ("raw", name) not in cache:
         ds = next(d for d in plan["datasets"] if d["name"] == name)
-        batch_key = ds.get("batch_key", Keys.BATCH)
-        adata = read_slices(ds.get("manifest") or ds["sources"], batch_key=batch_key,
+        adata = read_slices(ds.get("manifest") or ds["sources"],
+                            batch_key=ds.get("batch_key", Keys.BATCH),
                             label_key=ds.get("label_key"))
         if ds.get("drop_labels"):
             keep = ~adata.obs[ds["label_key"]].astype(str).isin(ds["drop_labels"])
             adata = adata[keep.to_numpy()].copy()
-        preprocess(adata, batch_key=batch_key, **plan["settings"].get("preprocess", {}))
-        build_graph(adata, batch_key, k=ds.get("k", plan["settings"].get("k")))
-        cache[name] = (ds, adata)
-    ds, adata = cache[name]
-    return ds, adata.copy()
+        cache[("raw", name)] = (ds, adata)
+    return cache[("raw", name)]
+
+
+def _prepared(plan: dict, name: str, variant: str, cache: dict):
+    """Read + preprocess + graph of a dataset under a variant, once per invocation."""
+    from .graph import build_graph
+    from .preprocess import preprocess
+
+    ds, raw = _raw(plan, name, cache)
+    pre, _, k = _options(plan, ds, variant)
+    key = ("prepared", name, repr(sorted(pre.items())), k)
+    if key not in cache:
+        adata = raw.copy()
+        batch_key = ds.get("batch_key", Keys.BATCH)
+        preprocess(adata, batch_key=batch_key, **pre)
+        build_graph(adata, batch_key, k=k)
+        cache[key] = adata
+    return ds, cache[key].copy()
+
+
+def _per_slice(plan: dict, ds: dict, raw, adata, combo: Combination,
+               train_opts: dict) -> None:
+    """SpaMask on each slice alone (from the counts as read): its own genes, PCA, graph,
+    model and K domains, written to ``adata.obs["domain"]`` as "slice:domain"."""
+    from .cluster import cluster
+    from .graph import build_graph, to_dgl
+    from .preprocess import preprocess
+    from .train import train
+
+    batch_key = ds.get("batch_key", Keys.BATCH)
+    pre, _, k = _options(plan, ds, combo.variant)
+    domains = pd.Series("", index=adata.obs_names, dtype=object)
+    for name in adata.obs[batch_key].cat.categories:
+        one = raw[(raw.obs[batch_key] == name).to_numpy()].copy()
+        one.obs[batch_key] = one.obs[batch_key].cat.remove_unused_categories()
+        preprocess(one, batch_key=batch_key, **pre)
+        build_graph(one, batch_key, k=k)
+        train(one, to_dgl(one, batch_key), batch_key, seed=combo.seed, quiet=True, **train_opts)
+        cluster(one, ds.get("n_domains", 7), combo.cluster, use_rep=Keys.EMB,
+                batch_key=batch_key, refine=bool(plan["settings"].get("refine", False)),
+                seed=combo.seed)
+        domains[one.obs_names] = f"{name}:" + one.obs[Keys.DOMAIN].astype(str)
+    adata.obs[Keys.DOMAIN] = pd.Categorical(domains.to_numpy())
 
 
 def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
@@ -170,28 +247,42 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
     base = dict(zip(KEY_COLUMNS, combo.key))
     s = plan["settings"]
     try:
-        ds, adata = _prepared(plan, combo.dataset, cache)
+        ds, adata = _prepared(plan, combo.dataset, combo.variant, cache)
         batch_key = ds.get("batch_key", Keys.BATCH)
-        if combo.method.startswith("spamask"):
-            extra = _REFERENCE_MASKING if combo.method == "spamask_reference" else {}
-            train(adata, to_dgl(adata, batch_key), batch_key, seed=combo.seed, quiet=True,
-                  **{**s.get("train", {}), **extra})
+        _, train_opts, _ = _options(plan, ds, combo.variant)
+        rep: str | None
+        if combo.method == "spamask_per_slice":
+            _per_slice(plan, ds, _raw(plan, combo.dataset, cache)[1], adata, combo,
+                       train_opts)
+            rep = None
+        elif combo.method.startswith("spamask"):
+            # one training serves every Harmony / clustering setting of the same seed
+            emb_key = ("embedding", combo.dataset, combo.method, combo.variant, combo.seed)
+            if emb_key not in cache:
+                extra = _REFERENCE_MASKING if combo.method == "spamask_reference" else {}
+                train(adata, to_dgl(adata, batch_key), batch_key, seed=combo.seed, quiet=True,
+                      **{**train_opts, **extra})
+                cache[emb_key] = adata.obsm[Keys.EMB]
+            adata.obsm[Keys.EMB] = cache[emb_key]
             rep = Keys.EMB
         elif combo.method == "smoothed_pca":
             smoothed_pca(adata, batch_key)
             rep = "X_pca_smoothed"
         else:
             rep = Keys.PCA
-        if combo.harmony:
+        if combo.harmony and rep is not None:
             integrate(adata, batch_key, use_rep=rep, key_added=f"{rep}_harmony", seed=combo.seed)
             rep = f"{rep}_harmony"
-        cluster(adata, ds.get("n_domains", 7), combo.cluster, use_rep=rep, batch_key=batch_key,
-                refine=bool(s.get("refine", False)), seed=combo.seed)
-        scib = bool(s.get("scib", False))
+        if rep is not None:
+            cluster(adata, ds.get("n_domains", 7), combo.cluster, use_rep=rep,
+                    batch_key=batch_key, refine=bool(s.get("refine", False)), seed=combo.seed)
+        # per-slice embeddings live in unrelated spaces: no joint integration score for them
+        scib = bool(s.get("scib", False)) and rep is not None
         table = evaluate(adata, ds.get("label_key"), batch_key, [rep] if scib else None,
                          scib=scib, scib_max_spots=int(s.get("scib_max_spots", 20_000)),
                          seed=combo.seed)
-        table["embedding"] = table["embedding"].replace(rep, "embedding")
+        if rep is not None:
+            table["embedding"] = table["embedding"].replace(rep, "embedding")
         for col, value in base.items():
             table[col] = value
         table["status"], table["error"] = "ok", ""
@@ -212,10 +303,9 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                  & (results["scope"] != "all") & results["metric"].isin(["ARI", "NMI"])]
     if ok.empty:
         return pd.DataFrame()
-    per_seed = ok.groupby(["dataset", "method", "harmony", "cluster", "seed", "metric"])[
-        "value"].mean().unstack("metric")
-    return per_seed.groupby(level=["dataset", "method", "harmony", "cluster"]).agg(
-        ["mean", "std", "count"])
+    setting = ["dataset", "method", "variant", "harmony", "cluster"]
+    per_seed = ok.groupby(setting + ["seed", "metric"])["value"].mean().unstack("metric")
+    return per_seed.groupby(level=setting).agg(["mean", "std", "count"])
 
 
 def write_summary(results: pd.DataFrame, out: Path) -> None:
@@ -224,8 +314,8 @@ def write_summary(results: pd.DataFrame, out: Path) -> None:
     lines = ["# Benchmark summary", "",
              "Mean per-slice ARI / NMI over seeds (mean ± sd, n = seeds).", ""]
     if not summary.empty:
-        lines += ["| dataset | method | harmony | cluster | ARI | NMI | n |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| dataset | method | variant | harmony | cluster | ARI | NMI | n |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for idx, row in summary.iterrows():
             cells = [f"{row[(m, 'mean')]:.3f} ± {np.nan_to_num(row[(m, 'std')]):.3f}"
                      if (m, "mean") in row else "" for m in ("ARI", "NMI")]
@@ -234,8 +324,8 @@ def write_summary(results: pd.DataFrame, out: Path) -> None:
     failed = results[results["status"] == "failed"]
     if len(failed):
         lines += ["", "## Failed combinations", ""]
-        lines += [f"- {r.dataset} / {r.method} / harmony={r.harmony} / {r.cluster} / "
-                  f"seed {r.seed}: {r.error}" for r in failed.itertuples()]
+        lines += [f"- {r.dataset} / {r.method} / {r.variant} / harmony={r.harmony} / "
+                  f"{r.cluster} / seed {r.seed}: {r.error}" for r in failed.itertuples()]
     with atomic_write(out / "summary.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     if not summary.empty:
@@ -248,8 +338,9 @@ def _box_plot(results: pd.DataFrame):
 
     ok = results[(results["status"] == "ok") & (results["kind"] == "domain")
                  & (results["metric"] == "ARI") & (results["scope"] != "all")]
-    groups = ok.groupby(["dataset", "method", "harmony", "cluster"])["value"]
-    labels = [f"{d}\n{m}{' +H' if h else ''}\n{c}" for d, m, h, c in groups.groups]
+    groups = ok.groupby(["dataset", "method", "variant", "harmony", "cluster"])["value"]
+    labels = [f"{d}\n{m}{' +H' if h else ''}\n{'' if v == 'default' else v + ' '}{c}"
+              for d, m, v, h, c in groups.groups]
     fig = Figure(figsize=(max(4.0, 1.3 * len(labels)), 4.0), layout="constrained")
     ax = fig.subplots()
     ax.boxplot([v.to_numpy() for _, v in groups])
