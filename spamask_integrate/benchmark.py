@@ -143,7 +143,8 @@ def run_plan(plan_path: str | Path, out_dir: str | Path, *, progress: bool = Tru
                 len(combinations(plan)), len(combinations(plan)) - len(todo), len(todo))
     cache: dict[str, Any] = {}
     for combo in tqdm(todo, desc="benchmark", disable=not progress):
-        results = pd.concat([results, _run_one(plan, combo, cache)], ignore_index=True)
+        row = _run_one(plan, combo, cache)
+        results = row if results.empty else pd.concat([results, row], ignore_index=True)
         with atomic_write(results_path) as tmp:
             results.to_csv(tmp, index=False)
     write_summary(results, out)
