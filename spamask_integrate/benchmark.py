@@ -107,17 +107,18 @@ def _resolve(p: Any, base: Path) -> Path:
 
 
 def combinations(plan: dict[str, Any]) -> list[Combination]:
-    """The grid of the plan, in a stable order."""
+    """The grid of the plan, in a stable order: Harmony and clustering settings vary fastest,
+    so the combinations that share one trained model come one after another."""
     s = plan["settings"]
     grid = itertools.product(
         [d["name"] for d in plan["datasets"]], s.get("methods", ["spamask"]),
-        list(s["variants"]), [bool(h) for h in s.get("harmony", [True])],
-        s.get("cluster", ["gmm"]), [int(x) for x in s.get("seeds", [0])])
+        list(s["variants"]), [int(x) for x in s.get("seeds", [0])],
+        [bool(h) for h in s.get("harmony", [True])], s.get("cluster", ["gmm"]))
     out = []
-    for c in grid:
-        if c[1] == "spamask_per_slice" and c[3]:
+    for dataset, method, variant, seed, harmony, how in grid:
+        if method == "spamask_per_slice" and harmony:
             continue  # one slice at a time: nothing for Harmony to align
-        out.append(Combination(*c))
+        out.append(Combination(dataset, method, variant, harmony, how, seed))
     return out
 
 
@@ -260,6 +261,8 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
             # one training serves every Harmony / clustering setting of the same seed
             emb_key = ("embedding", combo.dataset, combo.method, combo.variant, combo.seed)
             if emb_key not in cache:
+                for old in [k for k in cache if k[0] == "embedding"]:
+                    del cache[old]  # keep one embedding: a million spots is 1 GB each
                 extra = _REFERENCE_MASKING if combo.method == "spamask_reference" else {}
                 train(adata, to_dgl(adata, batch_key), batch_key, seed=combo.seed, quiet=True,
                       **{**train_opts, **extra})
