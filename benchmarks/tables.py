@@ -41,7 +41,8 @@ def main() -> None:
         s = stats.loc[key]
         cells = [NAMES.get(key[0], key[0]), key[1], "yes" if key[2] else "no"]
         cells += [f"{per_slice.loc[key, c]:.3f}" for c in slices]
-        cells += [f"{s[('ARI', 'mean')]:.3f} ± {s[('ARI', 'std')]:.3f}",
+        sd = "" if s[("ARI", "count")] < 2 else f" ± {s[('ARI', 'std')]:.3f}"
+        cells += [f"{s[('ARI', 'mean')]:.3f}{sd}",
                   f"{s[('NMI', 'mean')]:.3f}", str(int(s[("ARI", "count")]))]
         print("| " + " | ".join(cells) + " |")
 
