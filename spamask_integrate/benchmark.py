@@ -8,6 +8,7 @@ Variants (``settings.variants``) are named overrides of the defaults, for ablati
       mask_rate_0.3: {train: {mask_rate: 0.3}}
       hvg_input: {preprocess: {n_comps: null}}
       k_6: {k: 6}
+      refined: {refine: true}
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 #: spamask_reference: the reference's leaky masking (token added, one-direction edge drop);
 #: spamask_per_slice: each slice preprocessed, trained and clustered on its own (no Harmony)
 METHODS = ("spamask", "spamask_reference", "spamask_per_slice", "pca", "smoothed_pca")
-VARIANT_FIELDS = ("train", "preprocess", "k")
+VARIANT_FIELDS = ("train", "preprocess", "k", "refine")
 _REFERENCE_MASKING = {"mask_mode": "reference", "edge_mask": "reference"}
 KEY_COLUMNS = ["dataset", "method", "variant", "harmony", "cluster", "seed"]
 RESULT_COLUMNS = KEY_COLUMNS + ["status", "error", "seconds", "kind", "scope", "embedding",
@@ -170,13 +171,15 @@ def _read_results(path: Path) -> pd.DataFrame:
     return table
 
 
-def _options(plan: dict, ds: dict, variant: str) -> tuple[dict, dict, int | None]:
-    """Preprocessing, training and graph-k settings of a dataset under a variant."""
+def _options(plan: dict, ds: dict, variant: str) -> tuple[dict, dict, int | None, bool]:
+    """Preprocessing, training, graph-k and label-refinement settings of a dataset under a
+    variant."""
     s, over = plan["settings"], plan["settings"]["variants"][variant]
     pre = {**s.get("preprocess", {}), **(over.get("preprocess") or {})}
     train = {**s.get("train", {}), **(over.get("train") or {})}
     k = over.get("k", ds.get("k", s.get("k")))
-    return pre, train, k
+    refine = bool(over.get("refine", s.get("refine", False)))
+    return pre, train, k, refine
 
 
 def _raw(plan: dict, name: str, cache: dict):
@@ -201,7 +204,7 @@ def _prepared(plan: dict, name: str, variant: str, cache: dict):
     from .preprocess import preprocess
 
     ds, raw = _raw(plan, name, cache)
-    pre, _, k = _options(plan, ds, variant)
+    pre, _, k, _ = _options(plan, ds, variant)
     key = ("prepared", name, repr(sorted(pre.items())), k)
     if key not in cache:
         adata = raw.copy()
@@ -222,7 +225,7 @@ def _per_slice(plan: dict, ds: dict, raw, adata, combo: Combination,
     from .train import train
 
     batch_key = ds.get("batch_key", Keys.BATCH)
-    pre, _, k = _options(plan, ds, combo.variant)
+    pre, _, k, refine = _options(plan, ds, combo.variant)
     domains = pd.Series("", index=adata.obs_names, dtype=object)
     for name in adata.obs[batch_key].cat.categories:
         one = raw[(raw.obs[batch_key] == name).to_numpy()].copy()
@@ -231,8 +234,7 @@ def _per_slice(plan: dict, ds: dict, raw, adata, combo: Combination,
         build_graph(one, batch_key, k=k)
         train(one, to_dgl(one, batch_key), batch_key, seed=combo.seed, quiet=True, **train_opts)
         cluster(one, ds.get("n_domains", 7), combo.cluster, use_rep=Keys.EMB,
-                batch_key=batch_key, refine=bool(plan["settings"].get("refine", False)),
-                seed=combo.seed)
+                batch_key=batch_key, refine=refine, seed=combo.seed)
         domains[one.obs_names] = f"{name}:" + one.obs[Keys.DOMAIN].astype(str)
     adata.obs[Keys.DOMAIN] = pd.Categorical(domains.to_numpy())
 
@@ -251,7 +253,7 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
     try:
         ds, adata = _prepared(plan, combo.dataset, combo.variant, cache)
         batch_key = ds.get("batch_key", Keys.BATCH)
-        _, train_opts, _ = _options(plan, ds, combo.variant)
+        _, train_opts, _, refine = _options(plan, ds, combo.variant)
         rep: str | None
         if combo.method == "spamask_per_slice":
             _per_slice(plan, ds, _raw(plan, combo.dataset, cache)[1], adata, combo,
@@ -279,7 +281,7 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
             rep = f"{rep}_harmony"
         if rep is not None:
             cluster(adata, ds.get("n_domains", 7), combo.cluster, use_rep=rep,
-                    batch_key=batch_key, refine=bool(s.get("refine", False)), seed=combo.seed)
+                    batch_key=batch_key, refine=refine, seed=combo.seed)
         # per-slice embeddings live in unrelated spaces: no joint integration score for them
         scib = bool(s.get("scib", False)) and rep is not None
         table = evaluate(adata, ds.get("label_key"), batch_key, [rep] if scib else None,

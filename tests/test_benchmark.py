@@ -69,8 +69,26 @@ def test_bad_variant_is_a_config_error(tmp_path):
   variants:
     odd: {epochs: 5}
 """)
-    with pytest.raises(si.ConfigError, match="variant 'odd' may only set train, preprocess, k"):
+    with pytest.raises(si.ConfigError, match="variant 'odd' may only set train, preprocess, k, refine"):
         load_plan(plan)
+
+
+def test_variant_overrides_merge_over_the_plan_settings(tmp_path):
+    from spamask_integrate.benchmark import _options
+
+    plan = load_plan(_plan(tmp_path, ["a.h5ad", "b.h5ad"], """
+  refine: false
+  variants:
+    default: {}
+    refined: {refine: true, train: {mask_rate: 0.3}, k: 9}
+"""))
+    ds = plan["datasets"][0]
+    pre, train, k, refine = _options(plan, ds, "default")
+    assert (k, refine, train["epochs"]) == (6, False, 30) and "mask_rate" not in train
+    pre, train, k, refine = _options(plan, ds, "refined")
+    # the variant wins field by field; the plan's other training settings stay
+    assert (k, refine, train["mask_rate"], train["epochs"]) == (9, True, 0.3, 30)
+    assert pre == {"n_top_genes": None, "n_comps": 20, "min_cells": 5}
 
 
 def test_results_from_before_variants_are_read_as_default(tmp_path):
