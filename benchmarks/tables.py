@@ -1,12 +1,22 @@
-"""Print the README's Markdown table for a benchmark plan's results: per-slice ARI (mean over
-seeds), then mean per-slice ARI and NMI (mean ± sd over seeds), one row per setting.
+"""Print the README's Markdown tables for a benchmark plan's results.
 
-Usage: python benchmarks/tables.py benchmarks/results/dlpfc [--by-variant]
+Default: one row per setting, with per-slice ARI (mean over seeds), then mean per-slice ARI
+and NMI (mean ± sd over seeds). With ``--ablations``: one small table per ablated setting
+(variants named ``<setting>_<value>``, e.g. ``mask_rate_0.3``), each beside the default.
+
+With ``--runs``: the whole-``run`` stage table from ``results/run_*.json``
+(``benchmarks/run_1m.py``), one column per size.
+
+Usage: python benchmarks/tables.py benchmarks/results/dlpfc
+       python benchmarks/tables.py benchmarks/results/ablations --ablations
+       python benchmarks/tables.py benchmarks/results --runs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -15,12 +25,73 @@ NAMES = {"spamask": "SpaMask joint", "spamask_reference": "SpaMask, reference ma
          "spamask_per_slice": "SpaMask per slice", "pca": "PCA + GMM",
          "smoothed_pca": "smoothed PCA + GMM"}
 ORDER = list(NAMES)
+#: headings of the ablation tables, by variant-name prefix; the default values are those of
+#: SpamaskConfig, the 5,000-HVG PCA-200 input of ``preprocess`` and k = 12 of ``build_graph``
+SETTINGS = {"mask_rate": "node-mask rate (default 0.5)",
+            "edge_drop": "edge-drop rate (default 0.2)",
+            "lambda": "lambda, weight of the edge loss (default 2)",
+            "hvg": "input (default PCA-200 of the z-scored HVGs)",
+            "k": "graph k (default 12)"}
+
+
+def _natural(name: str) -> tuple:
+    """default first, then by name with numbers compared as numbers (k_6 before k_21)."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", name)
+    return (name != "default", [(0, float(p), "") if re.fullmatch(r"\d+(?:\.\d+)?", p)
+                                else (1, 0.0, p) for p in parts if p])
+
+
+def _sd(values: pd.Series) -> str:
+    return "" if len(values) < 2 else f" ± {values.std():.3f}"
+
+
+def ablation_tables(per_seed: pd.DataFrame) -> None:
+    """One table per ablated setting: the default and each value, mean ± sd and per seed."""
+    variants = sorted(per_seed.index.get_level_values("variant").unique(), key=_natural)
+    groups: dict[str, list[str]] = {}
+    for v in variants:
+        if v != "default":
+            groups.setdefault(v.rsplit("_", 1)[0], []).append(v)
+    for group, members in groups.items():
+        print(f"\n**{SETTINGS.get(group, group)}**\n")
+        print("| variant | mean ARI | mean NMI | ARI per seed |")
+        print("| --- | --- | --- | --- |")
+        for v in ["default"] + members:
+            rows = per_seed.xs(v, level="variant")
+            seeds = " / ".join(f"{a:.3f}" for a in rows["ARI"])
+            print(f"| {v} | {rows['ARI'].mean():.3f}{_sd(rows['ARI'])} | "
+                  f"{rows['NMI'].mean():.3f} | {seeds} |")
+
+
+def run_table(folder: Path) -> None:
+    """Seconds per stage of the whole ``run`` (medians over repeats), one column per result."""
+    runs = [json.loads(p.read_text()) for p in folder.glob("run_*.json")]
+    runs.sort(key=lambda r: (r["n_spots"], not r.get("scib", True)))
+    stages = list(dict.fromkeys(s for r in runs for s in r["seconds"] if s != "read"))
+    head = [f"{r['n_spots']:,}" + ("" if r.get("scib", True) else " (no scib)") for r in runs]
+    print("| stage | " + " | ".join(head) + " |")
+    print("| --- |" + " ---: |" * len(runs))
+    for stage in stages:
+        cells = [f"{r['seconds'][stage]:.1f}" if stage in r["seconds"] else "" for r in runs]
+        print(f"| {stage} | " + " | ".join(cells) + " |")
+    print("| **total** | " + " | ".join(f"**{r['total_seconds']:.1f}**" for r in runs) + " |")
+    share = [f"{r['slowest_stage']} {100 * r['slowest_share']:.0f}%" for r in runs]
+    print("| slowest stage | " + " | ".join(share) + " |")
+    print("| peak RSS (GB) | " + " | ".join(f"{r['peak_rss_gb']:.2f}" for r in runs) + " |")
+    print("| runs | " + " | ".join(str(r.get("repeats", 1)) for r in runs) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("results", type=Path)
+    parser.add_argument("--ablations", action="store_true",
+                        help="one small table per ablated setting")
+    parser.add_argument("--runs", action="store_true",
+                        help="the whole-run stage table from RESULTS/run_*.json")
     args = parser.parse_args()
+    if args.runs:
+        run_table(args.results)
+        return
     r = pd.read_csv(args.results / "results.csv", keep_default_na=False, na_values=[""])
     if "variant" not in r:
         r["variant"] = "default"
@@ -30,8 +101,11 @@ def main() -> None:
     slices = sorted(r.scope.unique())
     per_slice = r[r.metric == "ARI"].groupby(setting + ["scope"]).value.mean().unstack("scope")
     per_seed = r.groupby(setting + ["seed", "metric"]).value.mean().unstack("metric")
+    if args.ablations:
+        ablation_tables(per_seed)
+        return
     stats = per_seed.groupby(level=setting).agg(["mean", "std", "count"])
-    variants = list(dict.fromkeys(r.variant))
+    variants = sorted(r.variant.unique(), key=_natural)
     head = ["method", "variant", "Harmony"] + slices + ["mean ARI", "mean NMI", "seeds"]
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
