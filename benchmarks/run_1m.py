@@ -5,7 +5,9 @@ Each repeat runs in a fresh process (so its peak RSS is its own); the result hol
 run and the per-stage medians.
 
 Usage: python benchmarks/run_1m.py [--spots 1000000] [--epochs 1] [--repeats 1] [--no-scib]
-Results: benchmarks/results/run_<spots>.json (run_<spots>_noscib.json with --no-scib)
+                                   [--add]
+Results: benchmarks/results/run_<spots>.json (run_<spots>_noscib.json with --no-scib);
+--add keeps the runs already in that file and adds the new ones to the medians.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import peak_rss_gb, write_result
+from _common import RESULTS, peak_rss_gb, write_result
 
 
 def one_run(args: argparse.Namespace) -> dict:
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--no-scib", action="store_true",
                         help="score ARI/NMI only (scib samples at most 20k spots, so its time "
                              "does not grow with the data; measure it once per size)")
+    parser.add_argument("--add", action="store_true",
+                        help="add to the runs already in the result file (same settings)")
     parser.add_argument("--out", default="/tmp/run_1m")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # JSON file of one repeat
     args = parser.parse_args()
@@ -55,7 +59,15 @@ def main() -> None:
         Path(args.child).write_text(json.dumps(one_run(args)))
         return
 
+    name = f"run_{(args.spots // args.slices) * args.slices}" + ("_noscib" if args.no_scib else "")
     runs = []
+    if args.add and (RESULTS / f"{name}.json").exists():
+        old = json.loads((RESULTS / f"{name}.json").read_text())
+        if old["epochs"] != args.epochs:
+            sys.exit(f"{name}.json has {old['epochs']} epochs, not {args.epochs}")
+        # a file written before repeats existed holds its one run at the top level
+        runs = old.get("runs") or [{k: old[k] for k in ("n_spots", "seconds", "total_seconds",
+                                                        "peak_rss_gb", "ari_all")}]
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             child = Path(tmp) / f"run{i}.json"
@@ -76,7 +88,7 @@ def main() -> None:
               "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
               "ari_all": runs[0]["ari_all"], "runs": runs}
     print({k: v for k, v in result.items() if k != "runs"})
-    write_result(f"run_{result['n_spots']}" + ("_noscib" if args.no_scib else ""), result)
+    write_result(name, result)
 
 
 if __name__ == "__main__":
