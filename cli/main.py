@@ -260,8 +260,9 @@ def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epo
         click.echo(f"node {node_rank}: training done; node 0 writes the results")
         return
     from spamask_integrate.io import write_outputs
+    from spamask_integrate.metrics import metrics_table
 
-    metrics = _metrics_table(adata)
+    metrics = metrics_table(adata)
     info = adata.uns["spamask"]["run"]
     record = {"status": "ok", "exit_code": 0, "command": sys.argv,
               "sources": [str(s) for s in (sources or [manifest])],
@@ -276,15 +277,6 @@ def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epo
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     _print_scores(metrics, out)
-
-
-def _metrics_table(adata):
-    import pandas as pd
-
-    stored = adata.uns["spamask"]["metrics"]
-    rows = [dict(zip(["kind", "scope", "embedding", "metric"], key.split("|")), value=value)
-            for key, value in stored.items()]
-    return pd.DataFrame(rows, columns=["kind", "scope", "embedding", "metric", "value"])
 
 
 def _jsonable(value):
@@ -417,7 +409,7 @@ def demo(ctx: click.Context, out: Path, seed: int, overwrite: bool) -> None:
     result = si.run(adata, out, label_key="ground_truth", n_domains=5, k=6,
                     preprocess_kwargs={"n_top_genes": None, "n_comps": 30, "min_cells": 5},
                     scib_max_spots=1500, epochs=150, seed=seed, quiet=bool(ctx.obj["quiet"]))
-    _print_scores(_metrics_table(result), out)
+    _print_scores(si.metrics_table(result), out)
 
 
 if __name__ == "__main__":  # pragma: no cover

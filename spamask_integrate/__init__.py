@@ -12,7 +12,7 @@ from .io import atomic_write, read_slices
 from .cluster import cluster, refine_labels
 from .integrate import integrate
 from .io import write_outputs
-from .metrics import evaluate
+from .metrics import evaluate, metrics_table
 from .pipeline import run
 from .preprocess import preprocess
 from .train import SpaMask, train
@@ -25,6 +25,6 @@ except PackageNotFoundError:  # running from a source tree without install
 __all__ = [
     "ConfigError", "DependencyError", "InputError", "Keys", "ResourceError", "SpaMask",
     "SpamaskConfig", "SpamaskError", "atomic_write", "build_graph", "cluster", "datasets",
-    "evaluate", "integrate", "preprocess", "read_slices", "refine_labels", "run", "to_dgl",
+    "evaluate", "integrate", "metrics_table", "preprocess", "read_slices", "refine_labels", "run", "to_dgl",
     "train", "write_outputs",
 ]

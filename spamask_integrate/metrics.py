@@ -89,6 +89,17 @@ def evaluate(
     return table
 
 
+def metrics_table(adata: ad.AnnData) -> pd.DataFrame:
+    """The table :func:`evaluate` returned, read back from ``uns["spamask"]["metrics"]``
+    (for instance from a saved ``integrated.h5ad``)."""
+    stored = adata.uns.get(Keys.UNS, {}).get("metrics")
+    if stored is None:
+        raise InputError(f'uns["{Keys.UNS}"]["metrics"] not found: run evaluate() first')
+    rows = [dict(zip(COLUMNS[:-1], key.split("|")), value=float(value))
+            for key, value in stored.items()]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
 def _row(kind: str, scope: str, metric: str, value: float, embedding: str = "") -> dict:
     return {"kind": kind, "scope": scope, "embedding": embedding, "metric": metric,
             "value": float(value)}

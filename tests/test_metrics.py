@@ -29,6 +29,12 @@ def test_perfect_and_random_clustering(labelled):
     assert abs(_scores(t, "ARI")) < 0.05
     assert set(t.columns) == {"kind", "scope", "embedding", "metric", "value"}
     assert "domain|all||ARI" in a.uns["spamask"]["metrics"]
+    # the table reads back from uns (as from a saved integrated.h5ad), row for row
+    back = si.metrics_table(a)
+    pd.testing.assert_frame_equal(back, t.astype({"value": float}), check_dtype=False)
+    del a.uns["spamask"]["metrics"]
+    with pytest.raises(si.InputError, match="run evaluate"):
+        si.metrics_table(a)
 
 
 def test_unlabelled_spots_excluded(labelled):
