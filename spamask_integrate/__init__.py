@@ -25,6 +25,6 @@ except PackageNotFoundError:  # running from a source tree without install
 __all__ = [
     "ConfigError", "DependencyError", "InputError", "Keys", "ResourceError", "SpaMask",
     "SpamaskConfig", "SpamaskError", "atomic_write", "build_graph", "cluster", "datasets",
-    "evaluate", "integrate", "metrics_table", "preprocess", "read_slices", "refine_labels", "run", "to_dgl",
-    "train", "write_outputs",
+    "evaluate", "integrate", "metrics_table", "preprocess", "read_slices", "refine_labels",
+    "run", "to_dgl", "train", "write_outputs",
 ]
