@@ -41,7 +41,8 @@ def synthetic_slices(
     Returns
     -------
     AnnData: raw counts in ``X`` and ``layers["counts"]`` (CSR float32), ``obsm["spatial"]``,
-    ``obs[batch_key]`` (categorical), ``obs["ground_truth"]`` (domain names), and the
+    ``obs[batch_key]`` (categorical), ``obs["ground_truth"]`` (domain names),
+    ``var["marker_of"]`` (the domain a gene marks; missing for non-markers), and the
     generating parameters in ``uns["synthetic"]``.
     """
     if n_slices < 1 or n_spots_per_slice < 4 or n_genes < n_domains or n_domains < 2:
@@ -72,12 +73,17 @@ def synthetic_slices(
     names = [f"slice{s}" for s in range(n_slices)]
     slice_idx = np.concatenate(slices)
     dom_all = np.concatenate(domains)
+    domain_names = [f"D{d}" for d in range(n_domains)]
     obs = pd.DataFrame({
         batch_key: pd.Categorical.from_codes(slice_idx, categories=names),
-        TRUTH_KEY: pd.Categorical.from_codes(dom_all, categories=[f"D{d}" for d in range(n_domains)]),
+        TRUTH_KEY: pd.Categorical.from_codes(dom_all, categories=domain_names),
     }, index=[f"{names[s]}_spot{i}" for s, n in zip(range(n_slices), [n_spots_per_slice] * n_slices)
               for i in range(n)])
-    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"gene{g}" for g in range(n_genes)]))
+    marker_code = np.full(n_genes, -1)
+    marker_code[markers.ravel()] = np.repeat(np.arange(n_domains), markers.shape[1])
+    var = pd.DataFrame({"marker_of": pd.Categorical.from_codes(marker_code, domain_names)},
+                       index=[f"gene{g}" for g in range(n_genes)])
+    adata = ad.AnnData(x, obs=obs, var=var)
     adata.layers[Keys.COUNTS] = x
     adata.obsm[Keys.SPATIAL] = np.concatenate(coords)
     adata.uns["synthetic"] = {

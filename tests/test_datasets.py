@@ -37,3 +37,14 @@ def test_batch_effect_shifts_slices():
 def test_chunking_does_not_need_dense_matrix():
     a = si.datasets.synthetic_slices(1, 2500, 20, 3, seed=0, chunk_size=1000)
     assert a.n_obs == 2500 and sp.isspmatrix_csr(a.X)
+
+
+def test_marker_genes_are_recorded_and_up_in_their_domain():
+    a = si.datasets.synthetic_slices(2, 400, 60, 3, noise=0.3, seed=0)
+    marker_of = a.var["marker_of"]
+    assert marker_of.value_counts().to_dict() == {"D0": 20, "D1": 20, "D2": 20}
+    x = np.log1p(a.X.toarray())
+    for d in ("D0", "D1", "D2"):
+        in_d = (a.obs["ground_truth"] == d).to_numpy()
+        genes = (marker_of == d).to_numpy()
+        assert x[in_d][:, genes].mean() > x[~in_d][:, genes].mean() + 0.3
