@@ -337,7 +337,8 @@ def read_slices(
     Returns
     -------
     AnnData with raw counts in ``X`` and ``layers["counts"]`` (CSR), ``obsm["spatial"]``,
-    ``obs[batch_key]``, obs names ``<slice>_<barcode>`` and ``uns["spamask"]["read"]``.
+    ``obs[batch_key]``, obs names ``<slice>_<barcode>``, the ``var`` columns on which all
+    slices agree (e.g. 10x ``gene_ids``) and ``uns["spamask"]["read"]``.
     """
     if join not in ("inner", "outer"):
         raise InputError(f"join={join!r}: use 'inner' or 'outer'")
@@ -366,7 +367,7 @@ def _normalise_slice(adata: ad.AnnData, src: SliceSource, *, batch_key: str,
         obs[out_label] = obs.pop(label_key)
     obs.index = [f"{src.name}_{b}" for b in adata.obs_names]
     obs[batch_key] = src.name
-    out = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
+    out = ad.AnnData(x, obs=obs, var=adata.var.copy())  # gene annotations (10x gene_ids...)
     out.obsm[Keys.SPATIAL] = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)
     return out
 

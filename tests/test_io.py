@@ -100,6 +100,9 @@ def test_inner_and_outer_join(tiny_slices, tmp_path):
     assert inner.n_vars == 100 and inner.uns["spamask"]["read"]["n_genes_dropped"] == 20
     outer = si.read_slices(paths, join="outer")
     assert outer.n_vars == 120
+    # gene annotations every slice agrees on reach the joined AnnData (and integrated.h5ad)
+    assert inner.var["marker_of"].astype(str).equals(
+        tiny_slices.var["marker_of"].iloc[20:].astype(str))
     missing = [f"gene{i}" for i in range(20)]
     assert outer[outer.obs["slice"] == "slice1", missing].X.nnz == 0
     assert outer[outer.obs["slice"] == "slice0", missing].X.nnz > 0
