@@ -18,6 +18,10 @@ from .utils import record, require_obs
 
 logger = logging.getLogger(__name__)
 
+#: ``X`` after preprocessing is log1p(counts per this many), scanpy's and Seurat's convention,
+#: so that scanpy's downstream tools (rank_genes_groups, plotting by gene) read it as they expect
+X_TARGET_SUM = 1e4
+
 #: up to this many genes PCA is exact (eigen-decomposition of the gene x gene Gram matrix,
 #: built in chunks of spots); above it a seeded randomized SVD is used
 _GRAM_MAX_GENES = 6000
@@ -41,10 +45,12 @@ def preprocess(
 ) -> ad.AnnData | None:
     """Select HVGs across slices, normalise and compute the model input.
 
-    Defaults follow the reference SpaMask "pca" mode (``spamask_reference.md`` section 1): genes in
-    fewer than ``min_cells`` spots or with fewer than ``min_counts`` counts are dropped;
-    ``seurat_v3`` HVGs on raw counts with ``batch_key`` as batch; CPM without log; per-slice
-    z-scoring; PCA-200 fitted jointly on all slices.
+    The model input follows the reference SpaMask "pca" mode (``spamask_reference.md``
+    section 1): genes in fewer than ``min_cells`` spots or with fewer than ``min_counts`` counts
+    are dropped; ``seurat_v3`` HVGs on raw counts with ``batch_key`` as batch; CPM without log;
+    per-slice z-scoring; PCA-200 fitted jointly on all slices. ``X`` itself is left as scanpy
+    expects it for downstream analysis: log1p of counts per 10,000 (all kept genes), with
+    ``uns["log1p"]`` set as ``sc.pp.log1p`` would.
 
     Parameters
     ----------
@@ -56,8 +62,9 @@ def preprocess(
         z-score each slice on its own (as the reference) instead of all spots together.
 
     Reads ``X`` or ``layers["counts"]`` (raw counts), ``obs[batch_key]``.
-    Writes ``layers["counts"]``, ``X`` (normalised), ``var["highly_variable"]``,
-    ``obsm[key_added]`` (or ``obsm["X_hvg"]``), ``uns["spamask"]["preprocess"]``.
+    Writes ``layers["counts"]``, ``X`` (log1p of counts per 10,000), ``uns["log1p"]``,
+    ``var["highly_variable"]``, ``obsm[key_added]`` (or ``obsm["X_hvg"]``),
+    ``uns["spamask"]["preprocess"]``.
     """
     require_obs(adata, batch_key)
     if n_comps is not None and n_comps < 1:
@@ -79,13 +86,15 @@ def preprocess(
         adata._inplace_subset_var(keep)
     hvg = _select_hvgs(adata, batch_key, n_top_genes)
 
-    x = _normalise(adata.X, target_sum, log1p)
-    adata.X = x
-    xh = x[:, hvg].tocsr()
+    totals = _totals(adata.X)
+    xh = _normalise(adata.X[:, hvg].tocsr(), totals, target_sum, log1p)
+    adata.X = _normalise(adata.X, totals, X_TARGET_SUM, True)
+    adata.uns["log1p"] = {}  # natural log, as sc.pp.log1p records it (no "base")
     params = {
         "batch_key": batch_key, "n_top_genes": int(hvg.sum()), "min_cells": min_cells,
         "min_counts": min_counts, "target_sum": float(target_sum), "log1p": bool(log1p),
         "scale": bool(scale), "scale_per_batch": bool(scale_per_batch), "seed": seed,
+        "X": f"log1p(counts per {X_TARGET_SUM:g})",
     }
     if n_comps is None:
         adata.obsm["X_hvg"] = xh.astype(np.float32)
@@ -123,9 +132,15 @@ def _select_hvgs(adata: ad.AnnData, batch_key: str, n_top_genes: int | None) -> 
     return adata.var["highly_variable"].to_numpy(dtype=bool)
 
 
-def _normalise(counts: sp.csr_matrix, target_sum: float, log1p: bool) -> sp.csr_matrix:
+def _totals(counts: sp.csr_matrix) -> np.ndarray:
+    """Counts per spot over all kept genes (1 for an empty spot, so it stays all zero)."""
     totals = np.asarray(counts.sum(axis=1)).ravel()
     totals[totals == 0] = 1.0
+    return totals
+
+
+def _normalise(counts: sp.csr_matrix, totals: np.ndarray, target_sum: float,
+               log1p: bool) -> sp.csr_matrix:
     x = sp.csr_matrix(sp.diags((target_sum / totals).astype(np.float32)) @ counts)
     if log1p:
         np.log1p(x.data, out=x.data)

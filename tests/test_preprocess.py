@@ -7,7 +7,8 @@ import spamask_integrate as si
 
 def test_pca_matches_dense_per_slice_scaling(tiny_slices):
     si.preprocess(tiny_slices, n_top_genes=None, n_comps=10, min_cells=1, min_counts=1)
-    x = tiny_slices.X.toarray()
+    counts = tiny_slices.layers["counts"].toarray().astype(np.float64)
+    x = counts / counts.sum(axis=1, keepdims=True) * 1e6  # the model input is CPM, no log
     z = np.zeros_like(x, dtype=np.float64)
     for s in ("slice0", "slice1"):
         m = (tiny_slices.obs["slice"] == s).to_numpy()
@@ -58,3 +59,15 @@ def test_errors(tiny_slices):
         si.preprocess(tiny_slices.copy(), batch_key="batch")
     with pytest.raises(si.ConfigError, match="n_comps"):
         si.preprocess(tiny_slices.copy(), n_comps=0)
+
+
+def test_x_is_log_normalised_for_scanpy(tiny_slices):
+    """X is what scanpy's downstream tools expect: log1p of counts per 10,000 on all kept
+    genes, with uns["log1p"] as sc.pp.log1p writes it; raw counts stay in layers."""
+    si.preprocess(tiny_slices, n_top_genes=50, n_comps=10, min_cells=5)
+    counts = tiny_slices.layers["counts"].toarray().astype(np.float64)
+    expected = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+    assert tiny_slices.X.shape == counts.shape  # all kept genes, not only the HVGs
+    assert np.allclose(tiny_slices.X.toarray(), expected, rtol=1e-5, atol=1e-5)
+    assert tiny_slices.uns["log1p"].get("base") is None  # natural log for scanpy
+    assert np.allclose(counts, np.round(counts))
