@@ -119,8 +119,11 @@ class SpaMaskModule(nn.Module):
         ``pos`` and ``neg`` are (2, m) index tensors into the encoder's output nodes.
         """
         h = self.encoder(enc_graphs, x_in, enc_weights)
-        pos_logit = self.edge_decoder(h[pos[0]], h[pos[1]])
-        neg_logit = self.edge_decoder(h[neg[0]], h[neg[1]])
+        # index_select, not h[idx]: a node appears in many pairs, and the backward of h[idx]
+        # (index_put_ with accumulate) adds those rows with atomics on CPU threads, so its
+        # sums change from run to run; index_select's backward adds them in a fixed order
+        pos_logit = self.edge_decoder(h.index_select(0, pos[0]), h.index_select(0, pos[1]))
+        neg_logit = self.edge_decoder(h.index_select(0, neg[0]), h.index_select(0, neg[1]))
         return (F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit))
                 + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit)))
 

@@ -1,3 +1,4 @@
+import dgl
 import numpy as np
 import pytest
 import torch
@@ -99,6 +100,30 @@ def test_cpu_determinism(tiny_prepped):
     si.train(adata, g, seed=8, key_added="c", **FAST)
     assert np.array_equal(adata.obsm["a"], adata.obsm["b"])
     assert not np.allclose(adata.obsm["a"], adata.obsm["c"])
+
+
+def test_edge_loss_gradients_repeat_bit_for_bit_with_two_threads():
+    """Each node sits in many scored pairs; the gradient rows of those pairs must be summed in
+    a fixed order (h[idx]'s backward summed them with atomics and drifted by ~1e-6 per step,
+    which 300 epochs and a GMM turned into different domains)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        n = 3000
+        graph = dgl.add_self_loop(dgl.rand_graph(n, 6 * n))
+        module = SpaMaskModule(16, 32, 16, edge_decoder_dropout=0.0)
+        x = torch.randn(n, 16, generator=gen)
+        pairs = torch.randint(0, n, (2, 40 * n), generator=gen)  # ~80 pairs per node
+        w = gcn_norms(graph)
+        grads = []
+        for _ in range(8):
+            module.zero_grad(set_to_none=True)
+            module.edge_loss([graph, graph], [w, w], x, pairs[:, ::2], pairs[:, 1::2]).backward()
+            grads.append(torch.cat([p.grad.ravel() for p in module.encoder.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, grads[0]) for g in grads)
 
 
 def test_minibatch_path(tiny_prepped):
