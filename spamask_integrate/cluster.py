@@ -12,13 +12,14 @@ import scipy.sparse as sp
 
 from .config import Keys
 from .errors import ConfigError, InputError
+from .mixture import MCLUST_MODELS, fit_gmm, medoid_start, neighbour_share, potts_em
 from .utils import batch_codes, record, require_obsm
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("gmm", "kmeans", "leiden")
-#: sklearn covariance type for each mclust model name
-MCLUST_MODELS = {"EEE": "tied", "VVV": "full", "VVI": "diag", "VII": "spherical"}
+#: default Potts interaction of the GMM caller (the largest log-odds a neighbourhood adds)
+SPATIAL_PRIOR = 4.0
 
 
 def cluster(
@@ -32,6 +33,8 @@ def cluster(
     n_pcs: int = 30,
     gmm_model: str = "EEE",
     k_range: tuple[int, int] = (2, 15),
+    n_starts: int = 20,
+    spatial_prior: float = SPATIAL_PRIOR,
     refine: bool = False,
     max_fit: int = 200_000,
     seed: int = 0,
@@ -44,22 +47,31 @@ def cluster(
     n_domains
         K, the number of domains; ``None`` estimates it by the GMM's BIC over ``k_range``.
     method
-        ``"gmm"`` (Gaussian mixture; ``gmm_model`` "EEE" = one shared full covariance, as
-        mclust's EEE), ``"kmeans"`` or ``"leiden"`` (resolution searched to give exactly K).
+        ``"gmm"``: the domain caller of :mod:`spamask_integrate.mixture`: ``n_starts`` seeded
+        Gaussian mixtures (``gmm_model`` "EEE" = one shared full covariance, as mclust's
+        EEE), the start that agrees most with the others, refitted with a Potts prior of
+        strength ``spatial_prior`` over each slice's neighbour graph. ``"kmeans"``, or
+        ``"leiden"`` (resolution searched to give exactly K).
     use_rep
         Embedding to cluster; default ``X_spamask_harmony`` if present, else ``X_spamask``.
     n_pcs
         The embedding is reduced to this many principal components first (as the reference).
+    n_starts, spatial_prior
+        GMM starts, and the largest log-odds a spot's neighbours add to a domain (0: none;
+        needs ``gmm_model="EEE"``). ``n_starts=1, spatial_prior=0`` is a plain GMM.
     refine
         Relabel each spot by majority vote of its spatial neighbours in its own slice
         (``obs[key_added + "_unrefined"]`` keeps the labels before).
     max_fit
-        GMM and k-means are fitted on at most this many spots (a seeded sample) and predict
-        all, so a million spots cost minutes, not hours.
+        The final GMM and k-means are fitted on at most this many spots (a seeded sample)
+        and predict all, so a million spots cost minutes, not hours.
 
-    Reads ``obsm[use_rep]``; with ``refine``, ``obsp["spamask_connectivities"]`` or
-    ``obsm["spatial"]``. Writes ``obs[key_added]`` (categorical, K levels),
-    ``uns["spamask"]["cluster"]``.
+    The result depends on the spots, not on their order: the work is done in the order of
+    the spot names and mapped back.
+
+    Reads ``obsm[use_rep]``; with ``spatial_prior`` or ``refine``,
+    ``obsp["spamask_connectivities"]`` or ``obsm["spatial"]``. Writes ``obs[key_added]``
+    (categorical, K levels), ``uns["spamask"]["cluster"]``.
     """
     if method not in METHODS:
         raise ConfigError(f"method={method!r}: use one of {', '.join(METHODS)}")
@@ -67,13 +79,21 @@ def cluster(
         raise ConfigError(f"n_domains={n_domains}: must be at least 2")
     if gmm_model not in MCLUST_MODELS:
         raise ConfigError(f"gmm_model={gmm_model!r}: use one of {', '.join(MCLUST_MODELS)}")
+    if int(n_starts) < 1 or spatial_prior < 0:
+        raise ConfigError(f"n_starts={n_starts}, spatial_prior={spatial_prior}: need "
+                          "n_starts >= 1 and spatial_prior >= 0")
+    if method == "gmm" and spatial_prior > 0 and gmm_model != "EEE":
+        raise ConfigError(f"spatial_prior needs gmm_model='EEE' (got {gmm_model!r}); "
+                          "or pass spatial_prior=0")
     if use_rep is None:
         use_rep = Keys.EMB_HARMONY if Keys.EMB_HARMONY in adata.obsm else Keys.EMB
     require_obsm(adata, use_rep, "train a model (and integrate) first")
     if n_domains is not None and n_domains > adata.n_obs:
         raise ConfigError(f"n_domains={n_domains}: more than the {adata.n_obs} spots")
     adata = adata.copy() if copy else adata
-    x = reduce(adata.obsm[use_rep], n_pcs, seed)
+    order = np.argsort(adata.obs_names.to_numpy(dtype=str), kind="stable")  # canonical order
+    emb = adata.obsm[use_rep]
+    x = reduce(emb[order], n_pcs, seed)
     params: dict = {"method": method, "use_rep": use_rep, "n_pcs": int(x.shape[1]), "seed": seed}
     if n_domains is None:
         n_domains, bic = estimate_k(x, k_range, gmm_model, seed, max_fit)
@@ -82,14 +102,21 @@ def cluster(
         logger.info("cluster: K=%d estimated by BIC over %s", n_domains, k_range)
     n_domains = int(n_domains)
     if method == "gmm":
-        labels = _gmm(x, n_domains, gmm_model, seed, max_fit)
-        params["gmm_model"] = gmm_model
+        names = adata.obs[batch_key].astype(str).to_numpy()[order] if batch_key in adata.obs \
+            else np.zeros(len(order), dtype=str)
+        share = None
+        if spatial_prior > 0:
+            share = neighbour_share(same_slice_neighbours(adata, batch_key)[order][:, order])
+        labels, info = _gmm(x, n_domains, gmm_model, seed, max_fit, names, int(n_starts),
+                            float(spatial_prior), share)
+        params.update(gmm_model=gmm_model, **info)
     elif method == "kmeans":
         labels = _kmeans(x, n_domains, seed, max_fit)
     else:
         labels, resolution = _leiden(x, n_domains, seed)
         params["resolution"] = resolution
     labels = _relabel_by_size(labels)
+    labels = labels[np.argsort(order)]  # back to the AnnData's order
     if refine:
         adata.obs[f"{key_added}_unrefined"] = _categorical(labels, n_domains)
         labels = refine_labels(adata, labels, batch_key=batch_key)
@@ -117,17 +144,30 @@ def _sample(n: int, max_fit: int, seed: int) -> np.ndarray:
 
 
 def _gmm_fit(x: np.ndarray, k: int, model: str, seed: int, max_fit: int):
-    from sklearn.mixture import GaussianMixture
-
     fit = x[_sample(len(x), max_fit, seed)]
-    gmm = GaussianMixture(k, covariance_type=MCLUST_MODELS[model], random_state=seed,
-                          reg_covar=1e-5, max_iter=300, n_init=1)
-    return gmm.fit(fit), fit
+    return fit_gmm(fit, k, model, seed), fit
 
 
-def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int) -> np.ndarray:
-    gmm, _ = _gmm_fit(x, k, model, seed, max_fit)
-    return gmm.predict(x)
+def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int, groups: np.ndarray,
+         n_starts: int, spatial_prior: float, share) -> tuple[np.ndarray, dict]:
+    """The domain caller on ``x`` (canonical order): medoid start, then the Potts EM."""
+    gmm, agree = medoid_start(x, groups, k, model=model, n_starts=n_starts, seed=seed,
+                              fit_spots=min(max_fit, 20_000))
+    if len(x) > 20_000:  # the starts saw a sample: refit the chosen one on max_fit spots
+        fit = x[_sample(len(x), max_fit, seed)]
+        gmm = fit_gmm(fit, k, model, seed, weights_init=gmm.weights_, means_init=gmm.means_,
+                      precisions_init=gmm.precisions_)
+    off_diag = agree[~np.eye(len(agree), dtype=bool)]
+    info = {"n_starts": n_starts, "spatial_prior": spatial_prior,
+            "start_agreement": float(off_diag.mean()) if off_diag.size else 1.0}
+    logger.info("cluster: %d GMM starts agree at mean ARI %.2f%s", n_starts,
+                info["start_agreement"], "" if info["start_agreement"] >= 0.8 else
+                f"; {k} domains are not sharply defined in this embedding, so expect other "
+                "seeds or K to move them")
+    resp = gmm.predict_proba(x)
+    if spatial_prior > 0:
+        resp = potts_em(x, share, resp, spatial_prior)
+    return resp.argmax(axis=1), info
 
 
 def estimate_k(x: np.ndarray, k_range: tuple[int, int], model: str, seed: int,
