@@ -164,7 +164,8 @@ def _print_scores(metrics, out: Path | None) -> None:
 
 # ------------------------------------------------------------------------------------ run
 RUN_KEYS = {"batch_key", "label_key", "n_domains", "cluster_method", "harmony", "refine",
-            "graph_method", "k", "radius", "platform", "scib", "scib_max_spots", "figures"}
+            "n_starts", "spatial_prior", "graph_method", "k", "radius", "platform", "scib",
+            "scib_max_spots", "figures"}
 
 
 @main.command(epilog=EXAMPLES_RUN)
@@ -179,6 +180,10 @@ RUN_KEYS = {"batch_key", "label_key", "n_domains", "cluster_method", "harmony", 
               default=None, help="Clustering method [gmm].")
 @click.option("--harmony/--no-harmony", default=None, help="Harmony [on for several slices].")
 @click.option("--refine/--no-refine", default=None, help="Spatial majority-vote refinement.")
+@click.option("--n-starts", type=click.IntRange(min=1), default=None,
+              help="GMM starts of the domain caller [20].")
+@click.option("--spatial-prior", type=click.FloatRange(min=0), default=None,
+              help="Potts strength of the domain caller, 0 = none [4].")
 @click.option("--graph", "graph_method", type=click.Choice(["knn", "radius"]), default=None,
               help="Spatial graph [knn].")
 @click.option("--k", type=int, default=None, help="Neighbours per spot [platform preset].")

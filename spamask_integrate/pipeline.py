@@ -11,7 +11,7 @@ from typing import Any
 
 import anndata as ad
 
-from .cluster import cluster
+from .cluster import SPATIAL_PRIOR, cluster
 from .config import Keys, SpamaskConfig
 from .errors import ConfigError
 from .graph import build_graph
@@ -35,6 +35,8 @@ def run(
     cluster_method: str = "gmm",
     harmony: bool | None = None,
     refine: bool = False,
+    n_starts: int = 20,
+    spatial_prior: float = SPATIAL_PRIOR,
     graph_method: str = "knn",
     k: int | None = None,
     radius: float | None = None,
@@ -65,6 +67,8 @@ def run(
         Where :func:`write_outputs` puts the files; ``None`` writes nothing.
     harmony
         Harmony on the embedding; ``None`` = on when there are several slices.
+    n_starts, spatial_prior
+        The domain caller's GMM starts and Potts strength (see :func:`cluster`).
     checkpoint, checkpoint_every, resume
         Training checkpoints, as in :func:`train`.
     nproc, nnodes, node_rank, master_addr, master_port
@@ -120,13 +124,14 @@ def run(
     rep = Keys.EMB_HARMONY if use_harmony else Keys.EMB
     with step("cluster"):
         cluster(adata, n_domains, cluster_method, use_rep=rep, batch_key=batch_key,
-                refine=refine, seed=seed)
+                refine=refine, n_starts=n_starts, spatial_prior=spatial_prior, seed=seed)
     with step("evaluate"):
         keys = [Keys.PCA, Keys.EMB] + ([Keys.EMB_HARMONY] if use_harmony else [])
         metrics = evaluate(adata, label_key, batch_key, keys if scib else None, scib=scib,
                            scib_max_spots=scib_max_spots, seed=seed)
     params = {"nproc": nproc, "nnodes": nnodes, "batch_key": batch_key, "label_key": label_key or "", "n_domains": n_domains or 0,
               "cluster_method": cluster_method, "harmony": use_harmony, "refine": refine,
+              "n_starts": n_starts, "spatial_prior": spatial_prior,
               "graph_method": graph_method, "k": k or 0, "radius": radius or 0,
               "platform": platform or "", "preprocess": preprocess_kwargs or {},
               "train": config.to_dict(), "scib": scib, "scib_max_spots": scib_max_spots}
