@@ -45,3 +45,40 @@ def test_failed_write_leaves_no_partial_files(tiny_slices, tmp_path, monkeypatch
         si.run(tiny_slices, out, label_key="ground_truth", n_domains=4, k=6,
                preprocess_kwargs=PREP, scib=False, **FAST)
     assert list(out.iterdir()) == []
+
+
+BUSY = """
+import numpy as np
+a = np.random.default_rng(0).random((600, 600))
+while True:
+    a = a @ a
+    a /= np.abs(a).max()
+"""
+
+
+def test_same_seed_same_domains_while_the_cpu_is_busy():
+    """Two runs with one seed agree bit for bit (embedding) and spot for spot (domains) with
+    2 threads while another process keeps a core busy: no kernel may sum in an order that
+    depends on thread timing."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    assert torch.get_num_threads() == 2  # conftest: the thread count users run
+    data = si.datasets.synthetic_slices(2, 2500, 120, 5, seed=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    busy = subprocess.Popen([sys.executable, "-c", BUSY], env=env)
+    try:
+        runs = [si.run(data.copy(), None, label_key="ground_truth", n_domains=5, k=6,
+                       preprocess_kwargs=PREP, scib=False, seed=11, **{**FAST, "epochs": 30})
+                for _ in range(2)]
+        assert busy.poll() is None  # the CPU stayed busy throughout
+    finally:
+        busy.kill()
+        busy.wait()
+    first, second = runs
+    assert np.array_equal(first.obsm["X_spamask"], second.obsm["X_spamask"])
+    assert np.array_equal(first.obsm["X_spamask_harmony"], second.obsm["X_spamask_harmony"])
+    assert (first.obs["domain"] == second.obs["domain"]).all()
