@@ -23,7 +23,8 @@ import pandas as pd
 
 NAMES = {"spamask": "SpaMask joint", "spamask_reference": "SpaMask, reference masking",
          "spamask_per_slice": "SpaMask per slice", "pca": "PCA + GMM",
-         "smoothed_pca": "smoothed PCA + GMM"}
+         "smoothed_pca": "smoothed PCA + GMM", "banksy_0.2": "BANKSY λ = 0.2",
+         "banksy_0.8": "BANKSY λ = 0.8"}
 ORDER = list(NAMES)
 #: headings of the ablation tables, by variant-name prefix; the default values are those of
 #: SpamaskConfig, the 5,000-HVG PCA-200 input of ``preprocess`` and k = 12 of ``build_graph``

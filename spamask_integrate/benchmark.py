@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 import traceback
 from dataclasses import dataclass
@@ -31,8 +32,14 @@ from .io import atomic_write
 logger = logging.getLogger(__name__)
 
 #: spamask_reference: the reference's leaky masking (token added, one-direction edge drop);
-#: spamask_per_slice: each slice preprocessed, trained and clustered on its own (no Harmony)
+#: spamask_per_slice: each slice preprocessed, trained and clustered on its own (no Harmony);
+#: banksy_<lambda>: the BANKSY peer (pybanksy, the ``peers`` extra) with that lambda
 METHODS = ("spamask", "spamask_reference", "spamask_per_slice", "pca", "smoothed_pca")
+_PEER = re.compile(r"banksy_(0(?:\.\d+)?)")
+
+
+def _known_method(name: str) -> bool:
+    return name in METHODS or _PEER.fullmatch(str(name)) is not None
 VARIANT_FIELDS = ("train", "preprocess", "k", "refine")
 _REFERENCE_MASKING = {"mask_mode": "reference", "edge_mask": "reference"}
 KEY_COLUMNS = ["dataset", "method", "variant", "harmony", "cluster", "seed"]
@@ -86,9 +93,10 @@ def load_plan(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: dataset names must be unique")
     settings = plan.setdefault("settings", {}) or {}
     plan["settings"] = settings
-    bad = sorted(set(settings.get("methods", ["spamask"])) - set(METHODS))
+    bad = sorted(m for m in settings.get("methods", ["spamask"]) if not _known_method(m))
     if bad:
-        raise ConfigError(f"{path}: unknown method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
+        raise ConfigError(f"{path}: unknown method(s) {', '.join(map(str, bad))}; use "
+                          f"{', '.join(METHODS)} or banksy_<lambda in [0, 1)>")
     variants = settings.get("variants") or {"default": {}}
     if not isinstance(variants, dict):
         raise ConfigError(f"{path}: 'variants' must map a name to its overrides")
@@ -240,7 +248,7 @@ def _per_slice(plan: dict, ds: dict, raw, adata, combo: Combination,
 
 
 def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
-    from .baselines import smoothed_pca
+    from .baselines import banksy, smoothed_pca
     from .cluster import cluster
     from .graph import to_dgl
     from .integrate import integrate
@@ -274,6 +282,10 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
         elif combo.method == "smoothed_pca":
             smoothed_pca(adata, batch_key)
             rep = "X_pca_smoothed"
+        elif _PEER.fullmatch(combo.method):
+            lam = float(_PEER.fullmatch(combo.method).group(1))
+            banksy(adata, batch_key, lambda_=lam, seed=combo.seed)
+            rep = "X_banksy"
         else:
             rep = Keys.PCA
         if combo.harmony and rep is not None:

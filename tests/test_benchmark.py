@@ -102,3 +102,28 @@ def test_results_from_before_variants_are_read_as_default(tmp_path):
     table = _read_results(old)
     assert table["variant"].tolist() == ["default"]
     assert list(table.columns[:3]) == ["dataset", "method", "variant"]
+
+
+def test_banksy_peer_runs_beside_the_other_methods(tiny_slices, tmp_path):
+    pytest.importorskip("banksy", reason="the BANKSY peer needs the 'peers' extra (pybanksy)")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    paths = write_h5ad_slices(tiny_slices, folder)
+    plan = _plan(tmp_path, paths, """
+  methods: [pca, banksy_0.8]
+  harmony: [true]
+  seeds: [0]
+""")
+    results = run_plan(plan, tmp_path / "out", progress=False)
+    assert (results["status"] == "ok").all(), results[results.status != "ok"].error.tolist()
+    ari = results[(results.metric == "ARI") & (results.scope != "all")]
+    mean = ari.groupby("method").value.mean()
+    assert mean["banksy_0.8"] > mean["pca"] + 0.2  # its neighbourhood features do their job
+
+
+def test_unknown_peer_is_a_config_error(tmp_path):
+    plan = _plan(tmp_path, ["a.h5ad", "b.h5ad"], """
+  methods: [spamask, banksy_2]
+""")
+    with pytest.raises(si.ConfigError, match="unknown method.*banksy_2"):
+        load_plan(plan)

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+import spamask_integrate as si
+from spamask_integrate.baselines import banksy, smoothed_pca
+
+pytest.importorskip("banksy", reason="the BANKSY peer needs the 'peers' extra (pybanksy)")
+
+
+@pytest.fixture
+def noisy(tiny_slices):
+    si.preprocess(tiny_slices, n_top_genes=None, n_comps=20, min_cells=5)
+    si.build_graph(tiny_slices, k=6)
+    return tiny_slices
+
+
+def _ari(adata, rep):
+    si.cluster(adata, 4, use_rep=rep, seed=0)
+    return adjusted_rand_score(adata.obs["ground_truth"], adata.obs["domain"])
+
+
+def test_banksy_neighbourhood_recovers_what_single_spots_cannot(noisy):
+    banksy(noisy, lambda_=0.0, seed=0, key_added="X_expr_only")
+    banksy(noisy, lambda_=0.8, seed=0)
+    emb = noisy.obsm["X_banksy"]
+    assert emb.shape == (noisy.n_obs, 20) and np.isfinite(emb).all()
+    expr_only, with_neighbours = _ari(noisy, "X_expr_only"), _ari(noisy, "X_banksy")
+    assert expr_only < 0.3 and with_neighbours > expr_only + 0.3
+    rec = noisy.uns["spamask"]["banksy"]
+    assert rec["lambda"] == 0.8 and rec["agf_centred"] is True
+
+
+def test_banksy_is_seeded_and_checks_its_input(noisy):
+    banksy(noisy, lambda_=0.2, seed=3, key_added="a")
+    banksy(noisy, lambda_=0.2, seed=3, key_added="b")
+    assert np.array_equal(noisy.obsm["a"], noisy.obsm["b"])
+    with pytest.raises(si.InputError, match="lambda_"):
+        banksy(noisy, lambda_=1.0)
+    with pytest.raises(si.InputError, match="k_geom"):
+        banksy(noisy, k_geom=200)
+    raw = si.datasets.synthetic_slices(1, 100, 20, 2, seed=0)
+    with pytest.raises(si.InputError, match="preprocess"):
+        banksy(raw)
+
+
+def test_smoothed_pca_averages_over_neighbours(noisy):
+    smoothed_pca(noisy)
+    assert _ari(noisy, "X_pca_smoothed") > _ari(noisy, "X_pca") + 0.3
