@@ -1,0 +1,68 @@
+"""Seconds of the domain caller (``cluster`` with its defaults) against a plain one-start GMM,
+at growing spot counts, on synthetic embeddings (30 dims, 7 layered domains, 12 slices).
+
+The caller fits its 20 starts on a sample of at most 20,000 spots and runs the Potts EM over
+the sparse graph, so its cost should grow linearly in spots.
+Usage: python benchmarks/caller_time.py --spots 11380 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from _common import peak_rss_gb, write_result
+
+
+def synthetic_embedding(n_spots: int, n_slices: int = 12, dims: int = 30, noise: float = 1.3,
+                        seed: int = 0):
+    import anndata as ad
+    import pandas as pd
+
+    import spamask_integrate as si
+    from spamask_integrate.datasets import _layout
+
+    rng = np.random.default_rng(seed)
+    per = n_spots // n_slices
+    xy, dom = zip(*(_layout(per, 7, rng, phase=0.3 * s) for s in range(n_slices)))
+    truth = np.concatenate(dom)
+    centres = rng.normal(0, 1, (7, dims))
+    obs = pd.DataFrame({"slice": pd.Categorical(np.repeat([f"s{i}" for i in range(n_slices)],
+                                                          per)),
+                        "truth": truth}, index=[f"spot{i}" for i in range(per * n_slices)])
+    adata = ad.AnnData(obs=obs)
+    adata.obsm["spatial"] = np.concatenate(xy)
+    adata.obsm["X_emb"] = (centres[truth] + rng.normal(0, noise, (len(truth), dims))
+                           ).astype(np.float32)
+    si.build_graph(adata, k=12)
+    return adata
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spots", type=int, nargs="+", default=[11_380, 100_000, 1_000_000])
+    args = parser.parse_args()
+    import spamask_integrate as si
+    from sklearn.metrics import adjusted_rand_score
+
+    for n in args.spots:
+        adata = synthetic_embedding(n)
+        row = {"n_spots": adata.n_obs}
+        for name, opts in (("plain_gmm", {"n_starts": 1, "spatial_prior": 0.0}),
+                           ("caller", {})):
+            tic = time.perf_counter()
+            si.cluster(adata, 7, use_rep="X_emb", seed=0, **opts)
+            row[f"{name}_seconds"] = time.perf_counter() - tic
+            row[f"{name}_ari"] = adjusted_rand_score(adata.obs["truth"], adata.obs["domain"])
+        row["added_seconds"] = row["caller_seconds"] - row["plain_gmm_seconds"]
+        row["peak_rss_gb"] = peak_rss_gb()
+        print(f"{n:,} spots: plain GMM {row['plain_gmm_seconds']:.1f} s (ARI "
+              f"{row['plain_gmm_ari']:.3f}), caller {row['caller_seconds']:.1f} s (ARI "
+              f"{row['caller_ari']:.3f}), adds {row['added_seconds']:.1f} s")
+        write_result(f"caller_time_{adata.n_obs}", row)
+
+
+if __name__ == "__main__":
+    main()
