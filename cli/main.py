@@ -22,6 +22,7 @@ EXAMPLES_RUN = """
 Examples:
   spamask-integrate run data/151673.h5ad data/151674.h5ad -o out --label-key layer
   spamask-integrate run --manifest slices.yaml -o out --n-domains auto --cluster leiden
+  spamask-integrate run atlas.h5ad --slice-column sample -o out --n-domains 12
   spamask-integrate run a.h5ad b.h5ad -o out --minibatch --batch-size 2048 --fanouts 10,10
 """
 
@@ -163,7 +164,7 @@ def _print_scores(metrics, out: Path | None) -> None:
 
 
 # ------------------------------------------------------------------------------------ run
-RUN_KEYS = {"batch_key", "label_key", "n_domains", "cluster_method", "harmony", "refine",
+RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_method", "harmony", "refine",
             "n_starts", "spatial_prior", "graph_method", "k", "radius", "platform", "scib",
             "scib_max_spots", "figures"}
 
@@ -175,6 +176,8 @@ RUN_KEYS = {"batch_key", "label_key", "n_domains", "cluster_method", "harmony", 
 @click.option("--manifest", type=click.Path(), help="YAML/CSV manifest listing the slices.")
 @click.option("--batch-key", default=None, help="obs column for slice names [slice].")
 @click.option("--label-key", default=None, help="Ground-truth obs column, for scoring.")
+@click.option("--slice-column", default=None,
+              help="obs column that splits each file into slices (an atlas in one h5ad).")
 @click.option("--n-domains", default=None, help="Number of domains K, or 'auto' [7].")
 @click.option("--cluster", "cluster_method", type=click.Choice(["gmm", "kmeans", "leiden"]),
               default=None, help="Clustering method [gmm].")

@@ -198,7 +198,8 @@ def _raw(plan: dict, name: str, cache: dict):
         ds = next(d for d in plan["datasets"] if d["name"] == name)
         adata = read_slices(ds.get("manifest") or ds["sources"],
                             batch_key=ds.get("batch_key", Keys.BATCH),
-                            label_key=ds.get("label_key"))
+                            label_key=ds.get("label_key"),
+                            slice_column=ds.get("slice_column"))
         if ds.get("drop_labels"):
             keep = ~adata.obs[ds["label_key"]].astype(str).isin(ds["drop_labels"])
             adata = adata[keep.to_numpy()].copy()

@@ -45,6 +45,7 @@ class SliceSource:
     coordinates: Path | None = None
     platform: str | None = None
     label_key: str | None = None
+    slice_column: str | None = None
 
 
 # ---------------------------------------------------------------------------- atomic writing
@@ -170,7 +171,7 @@ def _source_from_row(row: Any, *, base: Path, where: str) -> SliceSource:
     path = resolve(clean["path"])
     name = clean.get("slice") or clean.get("name") or _default_name(path)
     return SliceSource(path, str(name), resolve(clean.get("coordinates")),
-                       clean.get("platform"), clean.get("label_key"))
+                       clean.get("platform"), clean.get("label_key"), clean.get("slice_column"))
 
 
 # ---------------------------------------------------------------------------- readers
@@ -311,6 +312,7 @@ def read_slices(
     batch_key: str = Keys.BATCH,
     label_key: str | None = None,
     *,
+    slice_column: str | None = None,
     join: str = "inner",
     min_spots: int = 7,
 ) -> ad.AnnData:
@@ -322,13 +324,18 @@ def read_slices(
         A list of paths (``.h5ad``, Visium folders, ``.h5`` or counts CSV/TSV with a coordinates
         CSV beside them named ``<stem>_coordinates.csv``), ``(counts, coordinates)`` tuples or
         dicts, or one manifest file (YAML or CSV) with a row per slice: ``path``, optional
-        ``slice``, ``coordinates``, ``platform``, ``label_key``.
+        ``slice``, ``coordinates``, ``platform``, ``label_key``, ``slice_column``.
     batch_key
         ``obs`` column that receives the slice names (categorical, input order).
     label_key
         Optional ground-truth column; every slice must have it (a manifest's ``label_key``
         column may name a different column per slice; it is renamed to ``label_key``,
         or ``"label"``).
+    slice_column
+        An ``obs`` column that splits each file into slices (an atlas in one h5ad with a
+        ``sample`` column): every value becomes a slice named by the value, in the order of
+        the column's categories (else of first appearance). A manifest row's own
+        ``slice_column`` wins over this one.
     join
         ``"inner"`` keeps the genes shared by all slices; ``"outer"`` keeps all, zero-filled.
     min_spots
@@ -342,19 +349,51 @@ def read_slices(
     """
     if join not in ("inner", "outer"):
         raise InputError(f"join={join!r}: use 'inner' or 'outer'")
-    srcs = _as_sources(sources)
+    files = _as_sources(sources)
+    out_label = label_key or ("label" if any(s.label_key for s in files) else None)
+    srcs: list[SliceSource] = []
+    slices = []
+    for file in files:
+        adata = _read_one(file)
+        column = file.slice_column or slice_column
+        parts = _split_by_column(adata, file, column) if column else [(file, adata)]
+        del adata
+        for src, part in parts:
+            _validate_slice(part, src, min_spots=min_spots, label_key=label_key)
+            srcs.append(src)
+            slices.append(_normalise_slice(part, src, batch_key=batch_key, out_label=out_label,
+                                           label_key=src.label_key or label_key))
     names = [s.name for s in srcs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"duplicated slice name(s): {', '.join(dup)}; give each slice its own name")
-    out_label = label_key or ("label" if any(s.label_key for s in srcs) else None)
-    slices = []
-    for src in srcs:
-        adata = _read_one(src)
-        _validate_slice(adata, src, min_spots=min_spots, label_key=label_key)
-        slices.append(_normalise_slice(adata, src, batch_key=batch_key, out_label=out_label,
-                                       label_key=src.label_key or label_key))
-    return _join_slices(slices, srcs, batch_key=batch_key, join=join, label_key=out_label)
+    joined = _join_slices(slices, srcs, batch_key=batch_key, join=join, label_key=out_label)
+    joined.uns[Keys.UNS]["read"]["slice_column"] = slice_column or ""
+    return joined
+
+
+def _split_by_column(adata: ad.AnnData, src: SliceSource,
+                     column: str) -> list[tuple[SliceSource, ad.AnnData]]:
+    """One (source, AnnData) per value of ``obs[column]`` of a file holding many slices."""
+    if column not in adata.obs.columns:
+        raise InputError(f"{src.path}: slice column obs[{column!r}] not found (columns: "
+                         f"{', '.join(map(str, adata.obs.columns[:10])) or 'none'})")
+    values = adata.obs[column]
+    missing = int(values.isna().sum())
+    if missing:
+        raise InputError(f"{src.path}: slice column obs[{column!r}] is empty for {missing} "
+                         "spots; give every spot its slice")
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        order = [c for c in values.cat.categories if (values == c).any()]
+    else:
+        order = list(pd.unique(values))
+    codes = pd.Categorical(values, categories=order).codes
+    parts = []
+    for i, value in enumerate(order):
+        sub = SliceSource(src.path, str(value), None, src.platform, src.label_key, column)
+        parts.append((sub, adata[codes == i].copy()))
+    logger.info("%s: %d slices by obs[%r]", src.path, len(parts), column)
+    return parts
 
 
 def _normalise_slice(adata: ad.AnnData, src: SliceSource, *, batch_key: str,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import pandas as pd
 
 from .cluster import SPATIAL_PRIOR, cluster
 from .config import Keys, SpamaskConfig
@@ -31,6 +32,7 @@ def run(
     *,
     batch_key: str = Keys.BATCH,
     label_key: str | None = None,
+    slice_column: str | None = None,
     n_domains: int | None = 7,
     cluster_method: str = "gmm",
     harmony: bool | None = None,
@@ -63,6 +65,9 @@ def run(
     sources
         What :func:`read_slices` takes, or an AnnData already holding the slices (raw counts,
         ``obsm["spatial"]``, ``obs[batch_key]``).
+    slice_column
+        An ``obs`` column that splits each file (or the AnnData given) into slices, for an
+        atlas stored as one h5ad with a sample column (see :func:`read_slices`).
     out_dir
         Where :func:`write_outputs` puts the files; ``None`` writes nothing.
     harmony
@@ -96,11 +101,19 @@ def run(
     with step("read"):
         if isinstance(sources, ad.AnnData):
             adata = sources
+            if slice_column is not None:
+                if slice_column not in adata.obs:
+                    raise ConfigError(f"slice column obs[{slice_column!r}] not found in the "
+                                      "AnnData given")
+                if adata.obs[slice_column].isna().any():
+                    raise ConfigError(f"slice column obs[{slice_column!r}] is empty for some "
+                                      "spots; give every spot its slice")
+                adata.obs[batch_key] = pd.Categorical(adata.obs[slice_column].astype(str))
             if batch_key not in adata.obs:
                 raise ConfigError(f"obs[{batch_key!r}] not found in the AnnData given")
         else:
             adata = read_slices(sources, batch_key=batch_key, label_key=label_key,
-                                min_spots=(k or 6) + 1)
+                                slice_column=slice_column, min_spots=(k or 6) + 1)
     with step("preprocess"):
         preprocess(adata, batch_key=batch_key, seed=seed, **(preprocess_kwargs or {}))
     with step("graph"):
@@ -129,7 +142,8 @@ def run(
         keys = [Keys.PCA, Keys.EMB] + ([Keys.EMB_HARMONY] if use_harmony else [])
         metrics = evaluate(adata, label_key, batch_key, keys if scib else None, scib=scib,
                            scib_max_spots=scib_max_spots, seed=seed)
-    params = {"nproc": nproc, "nnodes": nnodes, "batch_key": batch_key, "label_key": label_key or "", "n_domains": n_domains or 0,
+    params = {"nproc": nproc, "nnodes": nnodes, "batch_key": batch_key, "label_key": label_key or "",
+              "slice_column": slice_column or "", "n_domains": n_domains or 0,
               "cluster_method": cluster_method, "harmony": use_harmony, "refine": refine,
               "n_starts": n_starts, "spatial_prior": spatial_prior,
               "graph_method": graph_method, "k": k or 0, "radius": radius or 0,

@@ -168,3 +168,23 @@ def test_console_script_subprocess(slice_files, tmp_path):
     help_text = subprocess.run(["spamask-integrate", "run", "--help"], capture_output=True,
                                text=True).stdout
     assert "Examples:" in help_text and "--minibatch" in help_text
+
+
+def test_run_one_atlas_file_split_by_slice_column(tiny_slices, slice_files, tmp_path):
+    _, config = slice_files
+    atlas = tiny_slices.copy()
+    atlas.obs["sample"] = atlas.obs.pop("slice").astype(str)
+    atlas.obs_names = [f"cell{i}" for i in range(atlas.n_obs)]
+    atlas.layers, atlas.uns = {}, {}
+    atlas.write_h5ad(tmp_path / "atlas.h5ad")
+    out = tmp_path / "out"
+    res = _run(["-q", "run", str(tmp_path / "atlas.h5ad"), "--slice-column", "sample", "-o",
+                str(out), "--label-key", "ground_truth", "--n-domains", "4", "--k", "6",
+                "--config", str(config), "--no-scib"])
+    assert res.exit_code == 0, res.output
+    domains = pd.read_csv(out / "domains.csv")
+    assert sorted(domains["slice"].unique()) == ["slice0", "slice1"]
+    assert json.loads((out / "run.json").read_text())["n_slices"] == 2
+    _assert_fails(["run", str(tmp_path / "atlas.h5ad"), "--slice-column", "donor", "-o",
+                   str(tmp_path / "out2"), "--config", str(config)], 1,
+                  "atlas.h5ad: slice column obs['donor'] not found", tmp_path / "out2")

@@ -259,3 +259,54 @@ def test_dlpfc_four_slices_and_graph():
     src, dst = g.edges()
     s = g.ndata["slice"]
     assert int((s[src] != s[dst]).sum()) == 0
+
+
+def _atlas(tiny_slices, path):
+    """``tiny_slices`` as one h5ad, the slice in obs['sample'], barcodes unique over the file."""
+    one = tiny_slices.copy()
+    one.obs["sample"] = one.obs.pop("slice").astype(str)
+    one.obs_names = [f"cell{i}" for i in range(one.n_obs)]
+    one.layers = {}
+    one.uns = {}
+    one.write_h5ad(path)
+    return path
+
+
+def test_one_file_many_slices_by_column(tiny_slices, tmp_path):
+    atlas = _atlas(tiny_slices, tmp_path / "atlas.h5ad")
+    a = si.read_slices(atlas, label_key="ground_truth", slice_column="sample")
+    assert list(a.obs["slice"].cat.categories) == ["slice0", "slice1"]
+    assert a.obs["slice"].value_counts().to_dict() == {"slice0": 300, "slice1": 300}
+    assert a.obs_names[0] == "slice0_cell0" and a.obs_names.is_unique
+    assert (a.layers["counts"] != tiny_slices.X).nnz == 0  # same spots, same order
+    assert a.uns["spamask"]["read"]["slice_column"] == "sample"
+    # the same split from a manifest row, whose own slice_column wins over the argument
+    yml = tmp_path / "atlas.yaml"
+    yml.write_text("slices:\n  - path: atlas.h5ad\n    slice_column: sample\n")
+    b = si.read_slices(yml, label_key="ground_truth")
+    assert list(b.obs["slice"].cat.categories) == ["slice0", "slice1"]
+    # a categorical column gives the category order
+    one = ad.read_h5ad(atlas)
+    one.obs["sample"] = pd.Categorical(one.obs["sample"], categories=["slice1", "slice0"])
+    one.write_h5ad(tmp_path / "cat.h5ad")
+    c = si.read_slices(tmp_path / "cat.h5ad", slice_column="sample")
+    assert list(c.obs["slice"].cat.categories) == ["slice1", "slice0"]
+
+
+def test_slice_column_errors_name_the_file_and_column(tiny_slices, tmp_path):
+    atlas = _atlas(tiny_slices, tmp_path / "atlas.h5ad")
+    with pytest.raises(si.InputError, match=r"atlas\.h5ad: slice column obs\['donor'\] not found"):
+        si.read_slices(atlas, slice_column="donor")
+    one = ad.read_h5ad(atlas)
+    one.obs.loc[one.obs_names[:3], "sample"] = None
+    one.write_h5ad(tmp_path / "holes.h5ad")
+    with pytest.raises(si.InputError, match=r"holes\.h5ad: slice column obs\['sample'\] is "
+                                            r"empty for 3 spots"):
+        si.read_slices(tmp_path / "holes.h5ad", slice_column="sample")
+    one = ad.read_h5ad(atlas)
+    one.obs["sample"] = one.obs["sample"].astype(str)
+    one.obs.loc[one.obs_names[:297], "sample"] = "tiny"
+    one.obs.loc[one.obs_names[297:300], "sample"] = "tiny2"
+    one.write_h5ad(tmp_path / "small.h5ad")
+    with pytest.raises(si.InputError, match=r"small\.h5ad \(slice 'tiny2'\): only 3 spots"):
+        si.read_slices(tmp_path / "small.h5ad", slice_column="sample")
