@@ -119,12 +119,37 @@ def to_dgl(adata: ad.AnnData, batch_key: str = Keys.BATCH, key: str = Keys.CONNE
 
     if key not in adata.obsp:
         raise InputError(f"obsp[{key!r}] not found; run build_graph() first")
-    coo = sp.coo_matrix(adata.obsp[key])
+    coo = sp.coo_matrix(symmetric_structure(adata.obsp[key], f"obsp[{key!r}]"))
     g = dgl.graph((torch.from_numpy(coo.row.astype(np.int64)),
                    torch.from_numpy(coo.col.astype(np.int64))), num_nodes=adata.n_obs)
     g = dgl.add_self_loop(dgl.remove_self_loop(g))
     g.ndata["slice"] = torch.from_numpy(batch_codes(adata, batch_key))
     return g
+
+
+def symmetric_structure(adj, where: str = "the graph") -> sp.csr_matrix:
+    """The edges of an adjacency matrix as a symmetric 0/1 CSR matrix without self-loops.
+
+    Stored zeros are not edges, duplicated entries count once, and an edge whose reverse is
+    missing gets it (with a warning naming ``where``): edge masking hides undirected pairs,
+    so a graph from elsewhere (squidpy, a directed kNN) must be made undirected first.
+    """
+    adj = sp.coo_matrix(adj)
+    if adj.shape[0] != adj.shape[1]:
+        raise InputError(f"{where}: adjacency of shape {adj.shape} is not square")
+    keep = (adj.data != 0) & (adj.row != adj.col)
+    entries = int(keep.sum())
+    ones = sp.csr_matrix((np.ones(entries, dtype=np.float32), (adj.row[keep], adj.col[keep])),
+                         shape=adj.shape)
+    ones.data[:] = 1.0  # the constructor summed duplicates
+    duplicated = entries - ones.nnz
+    sym = ones.maximum(ones.T).tocsr()
+    added = sym.nnz - ones.nnz
+    if duplicated or added:
+        logger.warning("%s: %d duplicated entries counted once, %d edges without their reverse "
+                       "given one; the graph is made undirected", where, duplicated, added)
+    sym.sort_indices()
+    return sym
 
 
 def _platforms(adata: ad.AnnData, names: list[str], platform: str | None) -> dict[str, str]:

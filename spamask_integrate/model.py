@@ -124,8 +124,16 @@ class SpaMaskModule(nn.Module):
         # sums change from run to run; index_select's backward adds them in a fixed order
         pos_logit = self.edge_decoder(h.index_select(0, pos[0]), h.index_select(0, pos[1]))
         neg_logit = self.edge_decoder(h.index_select(0, neg[0]), h.index_select(0, neg[1]))
-        return (F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit))
-                + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit)))
+        return _bce(pos_logit, 1.0) + _bce(neg_logit, 0.0)
+
+
+def _bce(logit: torch.Tensor, target: float) -> torch.Tensor:
+    """Mean binary cross-entropy of ``logit`` against a constant target; 0 (still attached to
+    the graph, so every parameter gets a gradient) when a minibatch has no such pair, where
+    the mean of nothing would be NaN."""
+    if logit.numel() == 0:
+        return logit.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logit, torch.full_like(logit, target))
 
 
 def sce_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -130,6 +130,22 @@ def gcn_norms(graph, deg: torch.Tensor | None = None) -> tuple[torch.Tensor, tor
     return d, d
 
 
+def _check_undirected(src: torch.Tensor, dst: torch.Tensor, n: int) -> None:
+    """Edge masking hides undirected pairs: every edge needs its reverse, and none may repeat."""
+    ids = src.long() * n + dst.long()
+    unique = torch.unique(ids)
+    if unique.numel() < ids.numel():
+        raise InputError(f"the training graph has {ids.numel() - unique.numel()} duplicated "
+                         "edges; build it with build_graph() or to_dgl(), which remove them")
+    reverse = dst.long() * n + src.long()
+    found = torch.searchsorted(unique, reverse).clamp_(max=unique.numel() - 1)
+    missing = int((unique[found] != reverse).sum())
+    if missing:
+        raise InputError(f"the training graph is not symmetric: {missing} of its {ids.numel()} "
+                         "edges have no reverse; build it with build_graph() or to_dgl(), "
+                         "which make it undirected")
+
+
 class EdgeMasker:
     """Draws the edges to hide from the encoder each step and the kept graph.
 
@@ -141,6 +157,7 @@ class EdgeMasker:
     def __init__(self, graph, mode: str, rate: float):
         src, dst = graph.edges()
         self.n = graph.num_nodes()
+        _check_undirected(src, dst, self.n)
         self.mode, self.rate = mode, rate
         self.src, self.dst = src, dst
         self.device = src.device

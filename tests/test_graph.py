@@ -96,3 +96,40 @@ def test_spatial_tiles_are_compact_and_within_slices(tiny_slices):
     spread = np.mean([xy[tiles == t].std(axis=0).mean() for t in np.unique(tiles)])
     random_spread = xy[:300].std(axis=0).mean()
     assert spread < 0.5 * random_spread
+
+
+def test_to_dgl_makes_a_foreign_graph_undirected(tiny_slices, caplog):
+    import scipy.sparse as sp
+
+    si.build_graph(tiny_slices, k=6)
+    clean = si.to_dgl(tiny_slices)
+    adj = sp.triu(tiny_slices.obsp["spamask_connectivities"], k=1).tocoo()  # one direction
+    rows = np.concatenate([adj.row, adj.row[:5], [0]])  # 5 duplicated entries, 1 stored zero
+    cols = np.concatenate([adj.col, adj.col[:5], [7]])
+    data = np.concatenate([adj.data, adj.data[:5], [0.0]])
+    order = np.lexsort((cols, rows))
+    indptr = np.searchsorted(rows[order], np.arange(adj.shape[0] + 1))
+    raw = sp.csr_matrix((data[order], cols[order], indptr), shape=adj.shape)  # kept as given
+    assert raw.nnz == adj.nnz + 6
+    tiny_slices.obsp["directed"] = raw
+    with caplog.at_level("WARNING", logger="spamask_integrate.graph"):
+        g = si.to_dgl(tiny_slices, key="directed")
+    assert "made undirected" in caplog.text
+    assert g.num_edges() == clean.num_edges()
+    src, dst = g.edges()
+    assert g.has_edges_between(dst, src).all()
+
+
+def test_edge_masker_rejects_a_directed_or_repeated_graph():
+    import dgl
+    import torch
+
+    from spamask_integrate.train import EdgeMasker
+
+    u = torch.tensor([0, 1, 1, 2, 0, 1, 2])
+    v = torch.tensor([1, 0, 2, 1, 0, 1, 2])
+    EdgeMasker(dgl.graph((u, v)), "undirected", 0.2)  # symmetric with self-loops: fine
+    with pytest.raises(si.InputError, match="not symmetric: 1 of its 6 edges"):
+        EdgeMasker(dgl.graph((u[1:], v[1:])), "undirected", 0.2)
+    with pytest.raises(si.InputError, match="1 duplicated edges"):
+        EdgeMasker(dgl.graph((torch.cat([u, u[:1]]), torch.cat([v, v[:1]]))), "undirected", 0.2)

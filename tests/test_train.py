@@ -139,6 +139,16 @@ def test_minibatch_path(tiny_prepped):
     assert adata.obsm["full"].shape == (adata.n_obs, 16)
 
 
+def test_minibatch_without_dropped_edges_keeps_a_finite_loss(tiny_prepped):
+    """With a tiny edge-drop rate most minibatches have no hidden edge among their seeds; the
+    mean BCE over no pair was NaN and poisoned the weights."""
+    adata, g = tiny_prepped
+    model = si.train(adata, g, minibatch=True, batch_size=16, edge_drop_rate=0.002, seed=0,
+                     key_added="few", **{**FAST, "epochs": 2})
+    assert np.isfinite(model.history["edge"]).all() and np.isfinite(model.history["loss"]).all()
+    assert np.isfinite(adata.obsm["few"]).all()
+
+
 def test_layerwise_inference_equals_full_graph_encoder(tiny_prepped):
     adata, g = tiny_prepped
     model = si.train(adata, g, seed=0, **FAST)
