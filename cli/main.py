@@ -160,7 +160,8 @@ def _print_scores(metrics, out: Path | None) -> None:
         click.echo("Spatial coherence: " + ", ".join(
             f"{r.metric} {r.value:.3f}" for r in coh.itertuples()))
     if out is not None:
-        click.echo(f"Results and figures in {out}/ (spatial_domains.png, umap.png, scores.png)")
+        click.echo(f"Results and figures in {out}/ (report.html, spatial_domains.png, umap.png, "
+                   "scores.png)")
 
 
 # ------------------------------------------------------------------------------------ run
@@ -204,6 +205,7 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
 @click.option("--config", "config_path", type=click.Path(),
               help="YAML with run parameters and 'train'/'preprocess' sections.")
 @click.option("--no-scib", is_flag=True, help="Skip scib-metrics (slow on large data).")
+@click.option("--no-report", is_flag=True, help="Do not write OUT/report.html.")
 @click.option("--checkpoint-every", type=int, default=0,
               help="Write OUT/checkpoint.pt every E epochs (removed when the run succeeds).")
 @click.option("--resume", is_flag=True, help="Continue training from OUT/checkpoint.pt.")
@@ -219,11 +221,12 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epochs, batch_size,
-        fanouts, device, seed, n_domains, no_scib, checkpoint_every, resume, nproc, nnodes,
-        node_rank, master_addr, master_port, overwrite, **options) -> None:
+        fanouts, device, seed, n_domains, no_scib, no_report, checkpoint_every, resume, nproc,
+        nnodes, node_rank, master_addr, master_port, overwrite, **options) -> None:
     """Run the whole pipeline on SOURCES (.h5ad files, Visium folders, ...) into OUT.
 
-    Writes integrated.h5ad, domains.csv, metrics.csv/.json, PNG figures and run.json.
+    Writes integrated.h5ad, domains.csv, metrics.csv/.json, PNG figures, run.json and
+    report.html (one self-contained page with all of it).
     """
     import spamask_integrate as si
     from spamask_integrate.errors import ConfigError
@@ -281,7 +284,8 @@ def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epo
                   "batch_key", "slice")].nunique())}
     write_outputs(adata, out, metrics, batch_key=params.get("batch_key", "slice"),
                   figures=params.get("figures", True), seed=config.seed,
-                  extra_files={"run.json": json.dumps(record, indent=1)})
+                  extra_files={"run.json": json.dumps(record, indent=1)},
+                  report=not no_report)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     _print_scores(metrics, out)
@@ -374,19 +378,36 @@ Example:
 """)
 @click.argument("plan", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path))
+@click.option("--no-report", is_flag=True, help="Do not write OUT/report.html.")
 @click.pass_context
 @handle_errors
-def benchmark(ctx: click.Context, plan, out: Path) -> None:
+def benchmark(ctx: click.Context, plan, out: Path, no_report: bool) -> None:
     """Run every combination of PLAN.yaml; resumable, survives failing combinations."""
     from spamask_integrate.benchmark import run_plan, summarise
 
-    results = run_plan(plan, out, progress=not ctx.obj["quiet"])
+    results = run_plan(plan, out, progress=not ctx.obj["quiet"], report=not no_report)
     failed = results[results["status"] == "failed"]
     summary = summarise(results)
     if not summary.empty:
         click.echo(summary.round(3).to_string())
     click.echo(f"{len(failed)} failed combination(s); results in {out}/results.csv, "
                f"summary in {out}/summary.md")
+
+
+# ---------------------------------------------------------------------------------- report
+@main.command(epilog="""
+\b
+Examples:
+  spamask-integrate report out            # a run folder: after `evaluate`, say
+  spamask-integrate report bench_out      # a benchmark folder
+""")
+@click.argument("folder", type=click.Path(path_type=Path))
+@handle_errors
+def report(folder: Path) -> None:
+    """Rebuild FOLDER/report.html from a finished run or benchmark folder."""
+    from spamask_integrate.report import write_report
+
+    click.echo(f"wrote {write_report(folder)}")
 
 
 # ------------------------------------------------------------------------------------ demo

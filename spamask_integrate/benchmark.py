@@ -131,12 +131,14 @@ def combinations(plan: dict[str, Any]) -> list[Combination]:
     return out
 
 
-def run_plan(plan_path: str | Path, out_dir: str | Path, *, progress: bool = True) -> pd.DataFrame:
+def run_plan(plan_path: str | Path, out_dir: str | Path, *, progress: bool = True,
+             report: bool = True) -> pd.DataFrame:
     """Run every combination of the plan not already finished in ``out_dir/results.csv``.
 
     A failing combination is recorded (status "failed" and the error) and the run goes on;
     finished ones are skipped on the next call, failed ones are tried again. Writes
-    ``results.csv`` after each combination, then ``summary.md`` and ``summary.png``.
+    ``results.csv`` after each combination, then ``summary.md``, ``summary.png`` and (with
+    ``report``) the self-contained ``report.html``.
     """
     from tqdm.auto import tqdm
 
@@ -158,6 +160,10 @@ def run_plan(plan_path: str | Path, out_dir: str | Path, *, progress: bool = Tru
         with atomic_write(results_path) as tmp:
             results.to_csv(tmp, index=False)
     write_summary(results, out)
+    if report:
+        from .report import write_benchmark_report
+
+        write_benchmark_report(out)
     return results
 
 

@@ -452,12 +452,14 @@ def write_outputs(
     umap_rep: str | None = None,
     seed: int = 0,
     extra_files: dict[str, str] | None = None,
+    report: bool = True,
 ) -> dict[str, Path]:
     """Write the results of a run into ``out_dir``; return the paths written.
 
     Files: ``domains.csv`` (spot, slice, x, y, domain), ``metrics.csv`` and ``metrics.json``
     (when ``metrics`` is given), PNG figures (``spatial_domains.png``, ``umap.png``,
-    ``scores.png``), ``extra_files`` (name -> text, e.g. ``run.json``) and, last,
+    ``scores.png``), ``extra_files`` (name -> text, e.g. ``run.json``), with ``report`` the
+    self-contained ``report.html`` (:mod:`spamask_integrate.report`) and, last,
     ``integrated.h5ad``: its presence means the run finished. All
     files are first written into a hidden staging folder inside ``out_dir`` and renamed into
     place only when every one of them is complete; on any failure the staging folder is
@@ -483,6 +485,11 @@ def write_outputs(
             _write_figures(adata, stage, metrics, batch_key, domain_key, umap_rep, seed)
         for name, text in (extra_files or {}).items():
             (stage / name).write_text(text)
+        if report:
+            from .report import REPORT_NAME, render_run_report
+
+            (stage / REPORT_NAME).write_text(render_run_report(adata, stage, metrics),
+                                             encoding="utf-8")
         adata.write_h5ad(stage / "integrated.h5ad")
         names = sorted(p.name for p in stage.iterdir() if p.name != "integrated.h5ad")
         written = {}

@@ -48,6 +48,7 @@ def run(
     scib: bool = True,
     scib_max_spots: int = 20_000,
     figures: bool = True,
+    report: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
@@ -70,6 +71,8 @@ def run(
         atlas stored as one h5ad with a sample column (see :func:`read_slices`).
     out_dir
         Where :func:`write_outputs` puts the files; ``None`` writes nothing.
+    report
+        Also write the self-contained ``report.html`` into ``out_dir``.
     harmony
         Harmony on the embedding; ``None`` = on when there are several slices.
     n_starts, spatial_prior
@@ -153,7 +156,7 @@ def run(
     if out_dir is not None:
         with step("write"):
             write_outputs(adata, out_dir, metrics, batch_key=batch_key, figures=figures,
-                          seed=seed)
+                          seed=seed, report=report)
         adata.uns[Keys.UNS]["run"]["seconds"] = timings
     logger.info("run finished: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return adata

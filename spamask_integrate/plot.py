@@ -116,3 +116,95 @@ def scores(metrics: pd.DataFrame) -> Figure:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, frameon=False)
     return fig
+
+
+def domain_maps(adata: ad.AnnData, domain_key: str = Keys.DOMAIN, batch_key: str = Keys.BATCH,
+                label_key: str | None = None, *, max_spots: int = 20_000,
+                seed: int = 0) -> Figure:
+    """Per slice, the domains and (with ``label_key``) the ground truth side by side.
+
+    Domains keep one colour across slices; each label takes the colour of the domain that
+    overlaps it most (one to one), so a match reads at a glance; spots without a label are
+    grey. Each panel shows at most ``max_spots`` spots (a seeded sample), so a
+    report of a million spots stays small.
+    """
+    require_obs(adata, domain_key)
+    require_obs(adata, batch_key)
+    require_obsm(adata, Keys.SPATIAL)
+    keys = [domain_key] + ([label_key] if label_key else [])
+    for key in keys:
+        require_obs(adata, key)
+    slices = list(adata.obs[batch_key].cat.categories)
+    slots = [(s, key) for s in slices for key in keys]  # pairs stay on one row (4 columns)
+    ncols = min(len(slots), 4)
+    nrows = int(np.ceil(len(slots) / ncols))
+    fig = Figure(figsize=(3.3 * ncols + 1.8, 3.3 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    xy = np.asarray(adata.obsm[Keys.SPATIAL])
+    slice_of = adata.obs[batch_key].to_numpy()
+    rng = np.random.default_rng(seed)
+    legends = {}
+    for key in keys:
+        values = adata.obs[key]
+        if not isinstance(values.dtype, pd.CategoricalDtype):
+            values = values.astype("category")
+        cats = list(values.cat.categories)
+        legends[key] = [cats, np.array(_palette(len(cats)) + [(0.8, 0.8, 0.8, 1.0)]),
+                        values.cat.codes.to_numpy()]
+    if label_key:  # each label takes the colour of the domain that overlaps it most
+        legends[label_key][1] = _matched_colours(legends[domain_key], legends[label_key])
+    for ax, (name, key) in zip(axes, slots):
+        idx = np.flatnonzero(slice_of == name)
+        if len(idx) > max_spots:
+            idx = np.sort(rng.choice(idx, max_spots, replace=False))
+        cats, colours, codes = legends[key]
+        size = max(0.2, min(12.0, 9000 / max(len(idx), 1)))
+        ax.scatter(xy[idx, 0], xy[idx, 1], c=colours[codes[idx]], s=size, linewidths=0,
+                   rasterized=True)
+        ax.set_title(f"{name}: {key}", fontsize=9)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(slots):]:
+        ax.set_axis_off()
+    for key, (cats, colours, _) in legends.items():
+        handles = [_dot(colours[i], c) for i, c in enumerate(cats)][:30]
+        fig.legend(handles=handles, title=key, loc="outside right upper" if key == domain_key
+                   else "outside right lower", frameon=False, fontsize=7)
+    return fig
+
+
+def _matched_colours(domains, labels) -> np.ndarray:
+    """Colours for the labels: matched one to one to the domains by the largest overlap
+    (Hungarian assignment), the unmatched labels after the domains' colours, grey last."""
+    from scipy.optimize import linear_sum_assignment
+
+    d_cats, d_colours, d_codes = domains
+    l_cats, _, l_codes = labels
+    known = (l_codes >= 0) & (d_codes >= 0)
+    overlap = np.zeros((len(l_cats), len(d_cats)))
+    np.add.at(overlap, (l_codes[known], d_codes[known]), 1)
+    rows, cols = linear_sum_assignment(-overlap)
+    spare = _palette(len(d_cats) + len(l_cats))[len(d_cats):]
+    colours = [None] * len(l_cats)
+    for r, c in zip(rows, cols):
+        colours[r] = tuple(d_colours[c])
+    for i in range(len(l_cats)):
+        if colours[i] is None:
+            colours[i] = spare.pop(0)
+    return np.array(colours + [(0.8, 0.8, 0.8, 1.0)])
+
+
+def loss_curves(loss, sce, edge, lam: float | None = None) -> Figure:
+    """Training losses per epoch: the total, the node channel (SCE) and the edge channel."""
+    fig = Figure(figsize=(6.0, 3.4), layout="constrained")
+    ax = fig.subplots()
+    epochs = np.arange(1, len(loss) + 1)
+    ax.plot(epochs, loss, label="total", color="black")
+    ax.plot(epochs, sce, label="SCE (masked spots)")
+    ax.plot(epochs, edge, label="edge BCE" + (f" (weight {lam:g})" if lam is not None else ""))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend(frameon=False, fontsize=8)
+    return fig

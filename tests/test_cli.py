@@ -17,7 +17,7 @@ preprocess: {n_top_genes: null, n_comps: 20, min_cells: 5}
 scib_max_spots: 1000
 """
 OUTPUTS = {"domains.csv", "metrics.csv", "metrics.json", "spatial_domains.png", "umap.png",
-           "scores.png", "integrated.h5ad", "run.json"}
+           "scores.png", "integrated.h5ad", "run.json", "report.html"}
 
 
 @pytest.fixture

@@ -1,0 +1,168 @@
+"""The HTML reports: every section present, every image decodes, the scores are those of
+metrics.csv / results.csv, nothing fetched from the network."""
+
+import base64
+import io
+import json
+from html.parser import HTMLParser
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli.main import main
+from conftest import write_h5ad_slices
+from spamask_integrate.benchmark import _read_results, summarise
+from spamask_integrate.report import BENCHMARK_SECTIONS, RUN_SECTIONS
+
+FAST_CONFIG = """
+train: {epochs: 8, hidden_dim: 32, latent_dim: 16, edge_decoder_hidden: 32}
+preprocess: {n_top_genes: null, n_comps: 20, min_cells: 5}
+scib_max_spots: 400
+"""
+
+
+class Page(HTMLParser):
+    """Collects section ids, image sources, external references and data-value cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.images, self.external, self.cells, self.metric_cells = \
+            [], [], [], {}, []
+        self.text = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section":
+            self.sections.append(a.get("id"))
+        if tag == "img":
+            self.images.append(a["src"])
+        for name in ("src", "href"):
+            value = a.get(name) or ""
+            if value.startswith(("http:", "https:", "//")):
+                self.external.append(value)
+        if tag in ("link", "script") and (a.get("src") or a.get("href")):
+            self.external.append(a.get("src") or a.get("href"))
+        if "data-key" in a:
+            self.cells[a["data-key"]] = float(a["data-value"])
+        if "data-metric" in a:
+            self.metric_cells.append((a["data-metric"], float(a["data-value"])))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(path):
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def _assert_images_decode(page):
+    assert page.images
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        img.verify()
+        assert img.size[0] > 100 and img.size[1] > 100
+
+
+@pytest.fixture
+def run_folder(tiny_slices, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    paths = write_h5ad_slices(tiny_slices, folder)
+    config = tmp_path / "fast.yaml"
+    config.write_text(FAST_CONFIG)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["-q", "run", *map(str, paths), "-o", str(out),
+                                    "--label-key", "ground_truth", "--n-domains", "4", "--k",
+                                    "6", "--config", str(config), "--seed", "3"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out, paths, config
+
+
+def test_run_report_sections_images_and_scores(run_folder):
+    out, _, _ = run_folder
+    report = out / "report.html"
+    assert 10_000 < report.stat().st_size < 5_000_000
+    page = _parse(report)
+    assert page.sections == list(RUN_SECTIONS)
+    assert not page.external
+    _assert_images_decode(page)
+    assert len(page.images) == 4  # scores, domain maps beside the truth, UMAP, loss curves
+    metrics = pd.read_csv(out / "metrics.csv", keep_default_na=False, na_values=[""],
+                          float_precision="round_trip")
+    scored = metrics[metrics["kind"] != "info"]
+    keys = {"|".join(str(v) for v in r) for r in
+            scored[["kind", "scope", "embedding", "metric"]].fillna("").itertuples(index=False)}
+    assert set(page.cells) == keys
+    for r in scored.fillna({"embedding": ""}).itertuples():
+        assert page.cells[f"{r.kind}|{r.scope}|{r.embedding}|{r.metric}"] == r.value
+    text = " ".join(page.text)
+    run = json.loads((out / "run.json").read_text())
+    for name in ("slice0", "slice1", "ground_truth", "Seconds per step", "Versions"):
+        assert name in text
+    assert str(run["params"]["train"]["seed"]) in text and "dgl" in text
+    assert "seeded sample of 400 of 600 spots" in text  # the scib sample is a warning
+
+
+def test_report_rebuilds_after_evaluate_and_can_be_turned_off(run_folder, tmp_path):
+    out, paths, config = run_folder
+    before = (out / "report.html").read_text()
+    res = CliRunner().invoke(main, ["-q", "evaluate", str(out / "integrated.h5ad"),
+                                    "--label-key", "ground_truth", "--no-scib", "-o",
+                                    str(out / "metrics.csv")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    page = _parse(out / "report.html")
+    assert page.sections == list(RUN_SECTIONS)
+    assert not any(k.startswith("integration|") for k in page.cells)  # scib was left out
+    assert "scib-metrics was off" in " ".join(page.text)
+    assert (out / "report.html").read_text() != before
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "data")])
+    assert res.exit_code == 1 and "neither a run" in res.output
+    off = tmp_path / "off"
+    res = CliRunner().invoke(main, ["-q", "run", *map(str, paths), "-o", str(off), "--k", "6",
+                                    "--config", str(config), "--no-scib", "--no-report"])
+    assert res.exit_code == 0, res.output
+    assert (off / "integrated.h5ad").is_file() and not (off / "report.html").exists()
+
+
+def test_benchmark_report_table_boxes_and_failures(tiny_slices, tmp_path):
+    paths = write_h5ad_slices(tiny_slices, tmp_path)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""
+datasets:
+  - name: good
+    sources: [{paths[0]}, {paths[1]}]
+    label_key: ground_truth
+    n_domains: 4
+    k: 6
+  - name: broken
+    sources: [{tmp_path / 'missing.h5ad'}]
+    label_key: ground_truth
+settings:
+  methods: [pca, smoothed_pca]
+  harmony: [false]
+  seeds: [0, 1]
+  preprocess: {{n_top_genes: null, n_comps: 20, min_cells: 5}}
+""")
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(main, ["-q", "benchmark", str(plan), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    page = _parse(out / "report.html")
+    assert page.sections == list(BENCHMARK_SECTIONS)
+    assert not page.external
+    _assert_images_decode(page)
+    summary = summarise(_read_results(out / "results.csv"))
+    expected = sorted(summary[("ARI", "mean")].tolist() + summary[("NMI", "mean")].tolist())
+    assert sorted(v for _, v in page.metric_cells) == expected
+    text = " ".join(page.text)
+    assert "missing.h5ad: file not found" in text and text.count("broken / pca") == 2
+    (out / "report.html").unlink()
+    res = CliRunner().invoke(main, ["report", str(out)])
+    assert res.exit_code == 0 and (out / "report.html").is_file()
