@@ -8,7 +8,7 @@ import spamask_integrate as si
 FAST = dict(epochs=15, hidden_dim=32, latent_dim=16, edge_decoder_hidden=32)
 PREP = dict(n_top_genes=None, n_comps=20, min_cells=5)
 FILES = {"domains.csv", "metrics.csv", "metrics.json", "spatial_domains.png", "umap.png",
-         "scores.png", "integrated.h5ad"}
+         "scores.png", "integrated.h5ad", "report.html"}
 
 
 def test_run_writes_everything(tiny_slices, tmp_path):
