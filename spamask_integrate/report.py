@@ -211,10 +211,20 @@ def render_run_report(adata: ad.AnnData, folder: str | Path, metrics: pd.DataFra
                   "mode": train.get("mode", ""), "device": train.get("device", ""),
                   "seconds": float(train.get("train_seconds", 0) or 0)},
         params=param_rows + cluster_rows, seed=seed,
-        seconds={k: float(v) for k, v in seconds.items()},
+        seconds=_in_step_order(seconds),
         versions={str(k): str(v) for k, v in dict(versions).items()},
         warnings=_warnings(adata, metrics, run), sections=RUN_SECTIONS)
     return html
+
+
+STEPS = ("read", "preprocess", "graph", "train", "integrate", "cluster", "evaluate", "write",
+         "total")
+
+
+def _in_step_order(seconds: dict) -> dict[str, float]:
+    """Seconds per step in pipeline order (an h5ad round trip sorts dict keys)."""
+    order = [k for k in STEPS if k in seconds] + sorted(k for k in seconds if k not in STEPS)
+    return {k: float(seconds[k]) for k in order}
 
 
 def write_run_report(out_dir: str | Path) -> Path:
@@ -247,6 +257,7 @@ def render_benchmark_report(results: pd.DataFrame, title: str = "benchmark") -> 
                 cells.append({"metric": metric, "mean": mean, "sd": sd})
             rows.append({"setting": [str(v) for v in idx], "cells": cells,
                          "seeds": int(r[("ARI", "count")]) if ("ARI", "count") in r else 0})
+        rows.sort(key=lambda row: -np.nan_to_num(row["cells"][0]["mean"], nan=-1.0))
     figures = []
     ok = results[(results["status"] == "ok") & (results["kind"] == "domain")
                  & (results["metric"] == "ARI") & (results["scope"] != "all")]
@@ -288,7 +299,7 @@ def _slice_boxes(part: pd.DataFrame):
                 for s in slices]
         pos = np.arange(len(slices)) + (j - (len(settings) - 1) / 2) * width
         box = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True,
-                         manage_ticks=False)
+                         manage_ticks=False, medianprops={"color": "black"})
         for patch in box["boxes"]:
             patch.set_facecolor(colours[j])
         ax.plot([], [], "s", color=colours[j], label=name)
