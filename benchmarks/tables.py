@@ -1,7 +1,7 @@
 """Print the README's Markdown tables for a benchmark plan's results.
 
 Default: one row per setting, with per-slice ARI (mean over seeds), then mean per-slice ARI
-and NMI (mean ± sd over seeds). With ``--ablations``: one small table per ablated setting
+(mean ± sd over seeds, and the worst and best seed) and NMI. With ``--ablations``: one small table per ablated setting
 (variants named ``<setting>_<value>``, e.g. ``mask_rate_0.3``), each beside the default.
 
 With ``--runs``: the whole-``run`` stage table from ``results/run_*.json``
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-NAMES = {"spamask": "SpaMask joint", "spamask_reference": "SpaMask, reference masking",
-         "spamask_per_slice": "SpaMask per slice", "pca": "PCA + GMM",
-         "smoothed_pca": "smoothed PCA + GMM", "banksy_0.2": "BANKSY λ = 0.2",
+NAMES = {"spamask": "SpaMask (defaults)", "spamask_reference": "SpaMask, reference masking",
+         "spamask_per_slice": "SpaMask per slice", "pca": "PCA",
+         "smoothed_pca": "smoothed PCA", "banksy_0.2": "BANKSY λ = 0.2",
          "banksy_0.8": "BANKSY λ = 0.8"}
 ORDER = list(NAMES)
 #: headings of the ablation tables, by variant-name prefix; the default values are those of
@@ -105,9 +105,10 @@ def main() -> None:
     if args.ablations:
         ablation_tables(per_seed)
         return
-    stats = per_seed.groupby(level=setting).agg(["mean", "std", "count"])
+    stats = per_seed.groupby(level=setting).agg(["mean", "std", "count", "min", "max"])
     variants = sorted(r.variant.unique(), key=_natural)
-    head = ["method", "variant", "Harmony"] + slices + ["mean ARI", "mean NMI", "seeds"]
+    head = (["method", "variant", "Harmony"] + slices
+            + ["mean ARI", "worst / best seed", "mean NMI", "seeds"])
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     keys = sorted(stats.index, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99,
@@ -118,6 +119,7 @@ def main() -> None:
         cells += [f"{per_slice.loc[key, c]:.3f}" for c in slices]
         sd = "" if s[("ARI", "count")] < 2 else f" ± {s[('ARI', 'std')]:.3f}"
         cells += [f"{s[('ARI', 'mean')]:.3f}{sd}",
+                  f"{s[('ARI', 'min')]:.3f} / {s[('ARI', 'max')]:.3f}",
                   f"{s[('NMI', 'mean')]:.3f}", str(int(s[("ARI", "count")]))]
         print("| " + " | ".join(cells) + " |")
 
