@@ -61,3 +61,26 @@ def assert_symmetric(graph) -> None:
     fwd = np.unique(src.astype(np.int64) * n + dst)
     bwd = np.unique(dst.astype(np.int64) * n + src)
     assert np.array_equal(fwd, bwd)
+
+
+def write_plan_with_a_broken_dataset(paths, folder: Path) -> Path:
+    """A benchmark plan: two baselines x two seeds on ``paths``, and a dataset whose file is
+    missing (its combinations must fail and be reported, the others go on)."""
+    plan = folder / "plan.yaml"
+    plan.write_text(f"""
+datasets:
+  - name: good
+    sources: [{paths[0]}, {paths[1]}]
+    label_key: ground_truth
+    n_domains: 4
+    k: 6
+  - name: broken
+    sources: [{folder / 'missing.h5ad'}]
+    label_key: ground_truth
+settings:
+  methods: [pca, smoothed_pca]
+  harmony: [false]
+  seeds: [0, 1]
+  preprocess: {{n_top_genes: null, n_comps: 20, min_cells: 5}}
+""")
+    return plan

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from conftest import write_h5ad_slices
+from conftest import write_h5ad_slices, write_plan_with_a_broken_dataset
 
 FAST_CONFIG = """
 train: {epochs: 10, hidden_dim: 32, latent_dim: 16, edge_decoder_hidden: 32}
@@ -58,23 +58,7 @@ def test_run_then_evaluate_reproduces(slice_files, tmp_path):
 
 def test_benchmark_survives_failure_and_resumes(slice_files, tmp_path):
     paths, _ = slice_files
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(f"""
-datasets:
-  - name: good
-    sources: [{paths[0]}, {paths[1]}]
-    label_key: ground_truth
-    n_domains: 4
-    k: 6
-  - name: broken
-    sources: [{tmp_path / 'missing.h5ad'}]
-    label_key: ground_truth
-settings:
-  methods: [pca, smoothed_pca]
-  harmony: [false]
-  seeds: [0, 1]
-  preprocess: {{n_top_genes: null, n_comps: 20, min_cells: 5}}
-""")
+    plan = write_plan_with_a_broken_dataset(paths, tmp_path)
     out = tmp_path / "bench"
     res = _run(["-q", "benchmark", str(plan), "-o", str(out)])
     assert res.exit_code == 0, res.output

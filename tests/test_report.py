@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli.main import main
-from conftest import write_h5ad_slices
+from conftest import write_h5ad_slices, write_plan_with_a_broken_dataset
 from spamask_integrate.benchmark import _read_results, summarise
 from spamask_integrate.report import BENCHMARK_SECTIONS, RUN_SECTIONS
 
@@ -134,23 +134,7 @@ def test_report_rebuilds_after_evaluate_and_can_be_turned_off(run_folder, tmp_pa
 
 def test_benchmark_report_table_boxes_and_failures(tiny_slices, tmp_path):
     paths = write_h5ad_slices(tiny_slices, tmp_path)
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(f"""
-datasets:
-  - name: good
-    sources: [{paths[0]}, {paths[1]}]
-    label_key: ground_truth
-    n_domains: 4
-    k: 6
-  - name: broken
-    sources: [{tmp_path / 'missing.h5ad'}]
-    label_key: ground_truth
-settings:
-  methods: [pca, smoothed_pca]
-  harmony: [false]
-  seeds: [0, 1]
-  preprocess: {{n_top_genes: null, n_comps: 20, min_cells: 5}}
-""")
+    plan = write_plan_with_a_broken_dataset(paths, tmp_path)
     out = tmp_path / "bench"
     res = CliRunner().invoke(main, ["-q", "benchmark", str(plan), "-o", str(out)])
     assert res.exit_code == 0, res.output
