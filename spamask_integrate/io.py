@@ -368,7 +368,8 @@ def read_slices(
     if dup:
         raise InputError(f"duplicated slice name(s): {', '.join(dup)}; give each slice its own name")
     joined = _join_slices(slices, srcs, batch_key=batch_key, join=join, label_key=out_label)
-    joined.uns[Keys.UNS]["read"]["slice_column"] = slice_column or ""
+    joined.uns[Keys.UNS]["read"]["slice_column"] = ",".join(sorted(
+        {f.slice_column or slice_column for f in files} - {None}))
     return joined
 
 
@@ -384,7 +385,8 @@ def _split_by_column(adata: ad.AnnData, src: SliceSource,
         raise InputError(f"{src.path}: slice column obs[{column!r}] is empty for {missing} "
                          "spots; give every spot its slice")
     if isinstance(values.dtype, pd.CategoricalDtype):
-        order = [c for c in values.cat.categories if (values == c).any()]
+        present = set(values.unique())
+        order = [c for c in values.cat.categories if c in present]
     else:
         order = list(pd.unique(values))
     codes = pd.Categorical(values, categories=order).codes
