@@ -84,3 +84,12 @@ settings:
   preprocess: {{n_top_genes: null, n_comps: 20, min_cells: 5}}
 """)
     return plan
+
+
+def write_slices_and_config(adata, folder: Path, config_text: str) -> tuple[list[Path], Path]:
+    """``adata``'s slices as .h5ad files in ``folder/data`` and a run config ``folder/fast.yaml``."""
+    data = folder / "data"
+    data.mkdir()
+    config = folder / "fast.yaml"
+    config.write_text(config_text)
+    return write_h5ad_slices(adata, data), config

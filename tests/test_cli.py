@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from conftest import write_h5ad_slices, write_plan_with_a_broken_dataset
+from conftest import write_plan_with_a_broken_dataset, write_slices_and_config
 
 FAST_CONFIG = """
 train: {epochs: 10, hidden_dim: 32, latent_dim: 16, edge_decoder_hidden: 32}
@@ -22,12 +22,7 @@ OUTPUTS = {"domains.csv", "metrics.csv", "metrics.json", "spatial_domains.png", 
 
 @pytest.fixture
 def slice_files(tiny_slices, tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    paths = write_h5ad_slices(tiny_slices, folder)
-    config = tmp_path / "fast.yaml"
-    config.write_text(FAST_CONFIG)
-    return paths, config
+    return write_slices_and_config(tiny_slices, tmp_path, FAST_CONFIG)
 
 
 def _run(args):

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli.main import main
-from conftest import write_h5ad_slices, write_plan_with_a_broken_dataset
+from conftest import (write_h5ad_slices, write_plan_with_a_broken_dataset,
+                      write_slices_and_config)
 from spamask_integrate.benchmark import _read_results, summarise
 from spamask_integrate.report import BENCHMARK_SECTIONS, RUN_SECTIONS
 
@@ -70,11 +71,7 @@ def _assert_images_decode(page):
 
 @pytest.fixture
 def run_folder(tiny_slices, tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    paths = write_h5ad_slices(tiny_slices, folder)
-    config = tmp_path / "fast.yaml"
-    config.write_text(FAST_CONFIG)
+    paths, config = write_slices_and_config(tiny_slices, tmp_path, FAST_CONFIG)
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["-q", "run", *map(str, paths), "-o", str(out),
                                     "--label-key", "ground_truth", "--n-domains", "4", "--k",
