@@ -23,7 +23,7 @@ Examples:
   spamask-integrate run data/151673.h5ad data/151674.h5ad -o out --label-key layer
   spamask-integrate run --manifest slices.yaml -o out --n-domains auto --cluster leiden
   spamask-integrate run atlas.h5ad --slice-column sample -o out --n-domains 12
-  spamask-integrate run a.h5ad b.h5ad -o out --minibatch --batch-size 2048 --fanouts 10,10
+  spamask-integrate run a.h5ad b.h5ad -o out --minibatch --sampler neighbor --fanouts 10,10
 """
 
 
@@ -192,12 +192,19 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
               help="Spatial graph [knn].")
 @click.option("--k", type=int, default=None, help="Neighbours per spot [platform preset].")
 @click.option("--radius", type=float, default=None, help="Radius for --graph radius.")
-@click.option("--epochs", type=int, default=None, help="Training epochs [300].")
-@click.option("--minibatch", "mode", flag_value="minibatch", help="Neighbour-sampled batches.")
+@click.option("--epochs", default=None,
+              help="Training epochs, or 'auto': 300 full-graph epochs, or the same spot "
+                   "visits in 16,384-spot steps on larger data [auto].")
+@click.option("--minibatch", "mode", flag_value="minibatch",
+              help="Train on parts of the graph (see --sampler).")
 @click.option("--full-graph", "mode", flag_value="full", help="Whole graph each step.")
 @click.option("--auto", "mode", flag_value="auto", default=True,
-              help="Minibatch above 100,000 spots [default].")
-@click.option("--batch-size", type=int, default=None, help="Seed spots per minibatch [1024].")
+              help="Minibatches above 100,000 spots [default].")
+@click.option("--sampler", type=click.Choice(["subgraph", "neighbor"]), default=None,
+              help="Minibatches of spatial tiles with their 3-hop halo, or DGL neighbour "
+                   "sampling [subgraph].")
+@click.option("--batch-size", type=int, default=None,
+              help="Seed spots per neighbour-sampled minibatch [1024].")
 @click.option("--fanouts", default=None, help="Neighbours sampled per layer, e.g. 10,10.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="Device [auto].")
@@ -220,8 +227,8 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in OUT.")
 @click.pass_context
 @handle_errors
-def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epochs, batch_size,
-        fanouts, device, seed, n_domains, no_scib, no_report, checkpoint_every, resume, nproc,
+def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epochs, sampler,
+        batch_size, fanouts, device, seed, n_domains, no_scib, no_report, checkpoint_every, resume, nproc,
         nnodes, node_rank, master_addr, master_port, overwrite, **options) -> None:
     """Run the whole pipeline on SOURCES (.h5ad files, Visium folders, ...) into OUT.
 
@@ -246,7 +253,8 @@ def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epo
     if no_scib:
         params["scib"] = False
     train_opts = dict(cfg.get("train") or {})
-    flags = {"epochs": epochs, "batch_size": batch_size, "fanouts": _parse_fanouts(fanouts),
+    flags = {"epochs": epochs, "sampler": sampler, "batch_size": batch_size,
+             "fanouts": _parse_fanouts(fanouts),
              "device": device, "seed": seed,
              "minibatch": {"minibatch": True, "full": False}.get(mode) if mode != "auto"
              else train_opts.get("minibatch")}

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError
 
 
@@ -53,15 +55,23 @@ class SpamaskConfig:
     lr: float = 1e-3  # reference 1e-3
     weight_decay: float = 2e-4  # reference 2e-4
     grad_clip: float = 5.0  # reference 5
-    epochs: int = 300  # reference 1000 (multi-slice run); 300 scores as well on DLPFC here
+    # "auto": budget_steps steps of the whole graph, or the same spot visits in subgraphs or
+    # minibatches on larger data (see train.training_epochs); an int trains that many epochs.
+    # Reference: 1000 epochs (multi-slice run); 300 full-graph epochs score as well on DLPFC.
+    epochs: int | str = "auto"
+    budget_steps: int = 300
     seed: int = 2023  # reference 2023
     # early stopping on a loss plateau (patience 0 disables it)
     patience: int = 0
     min_delta: float = 1e-4
-    # minibatch training with neighbour sampling
+    # minibatch training: spatial tile subgraphs (default) or neighbour sampling
     minibatch: bool | None = None  # None: automatic, by graph size
     minibatch_threshold: int = 100_000  # spots above which minibatch training is chosen
-    batch_size: int = 1024
+    sampler: str = "subgraph"  # "subgraph": tile groups with a halo; "neighbor": DGL sampling
+    subgraph_size: int = 16_384  # core spots of one subgraph step
+    subgraph_tile_size: int = 1_024  # spots of one spatial tile (the unit a group is made of)
+    halo: int = 3  # hops around a group's core; 3 = receptive field (2 encoder + 1 decoder)
+    batch_size: int = 1024  # seed spots of one neighbour-sampled minibatch
     fanouts: tuple[int, ...] = field(default=(10, 10, 10))  # 2 encoder layers + 1 decoder layer
     # a minibatch is batch_size / tile_size random spatial tiles of tile_size neighbouring
     # spots (0: independent random seeds); tiles share their sampled neighbourhoods
@@ -72,8 +82,13 @@ class SpamaskConfig:
 
     def validate(self) -> SpamaskConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
-        positive = ("hidden_dim", "latent_dim", "edge_decoder_hidden", "epochs", "batch_size",
-                    "minibatch_threshold", "inference_batch_size")
+        if not (self.epochs == "auto" or (isinstance(self.epochs, (int, np.integer))
+                                          and not isinstance(self.epochs, bool)
+                                          and self.epochs >= 1)):
+            raise ConfigError(f"epochs={self.epochs!r}: must be 'auto' or a positive integer")
+        positive = ("hidden_dim", "latent_dim", "edge_decoder_hidden", "batch_size",
+                    "minibatch_threshold", "inference_batch_size", "budget_steps",
+                    "subgraph_size", "subgraph_tile_size")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer")
@@ -85,13 +100,15 @@ class SpamaskConfig:
             raise ConfigError(f"edge_decoder_dropout={self.edge_decoder_dropout}: must be in [0, 1)")
         if self.mask_mode not in ("replace", "reference"):
             raise ConfigError(f"mask_mode={self.mask_mode!r}: use 'replace' or 'reference'")
+        if self.sampler not in ("subgraph", "neighbor"):
+            raise ConfigError(f"sampler={self.sampler!r}: use 'subgraph' or 'neighbor'")
         if self.edge_mask not in ("undirected", "reference"):
             raise ConfigError(f"edge_mask={self.edge_mask!r}: use 'undirected' or 'reference'")
         for name in ("alpha", "lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be positive")
         for name in ("lam", "weight_decay", "grad_clip", "patience", "min_delta", "edge_pairs_per_node",
-                     "tile_size"):
+                     "tile_size", "halo"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must not be negative")
         if len(self.fanouts) != 3 or any(int(f) < 1 for f in self.fanouts):
@@ -108,6 +125,11 @@ class SpamaskConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(f"unknown training parameter(s): {', '.join(unknown)}")
+        if isinstance(overrides.get("epochs"), str) and overrides["epochs"] != "auto":
+            text = overrides["epochs"].strip()
+            if not text.isdigit():
+                raise ConfigError(f"epochs={text!r}: must be 'auto' or a positive integer")
+            overrides["epochs"] = int(text)
         if "fanouts" in overrides and overrides["fanouts"] is not None:
             overrides["fanouts"] = tuple(int(f) for f in overrides["fanouts"])
         return dataclasses.replace(self, **overrides).validate()

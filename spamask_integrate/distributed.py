@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 import torch
 
 from .config import Keys, SpamaskConfig
@@ -39,9 +38,8 @@ def worker(input_path: str, output_path: str, config: SpamaskConfig, *,
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from .graph import spatial_tiles, to_dgl
-    from .train import SpaMask, Trainer, _features, seed_all
-    from .utils import batch_codes
+    from .graph import to_dgl
+    from .train import SpaMask, Trainer, _features, seed_all, training_tiles
 
     use_cuda = config.device != "cpu" and torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -53,9 +51,7 @@ def worker(input_path: str, output_path: str, config: SpamaskConfig, *,
         input_key = adata.uns[Keys.UNS]["preprocess"]["input_key"]
         x = _features(adata, input_key)
         graph = to_dgl(adata, batch_key)
-        tiles = spatial_tiles(np.asarray(adata.obsm[Keys.SPATIAL]),
-                              batch_codes(adata, batch_key), config.tile_size) \
-            if config.tile_size > 1 else None
+        tiles = training_tiles(adata, config, batch_key)
         seed_all(config.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
         model = SpaMask(config.replace(quiet=config.quiet or rank != 0), x.shape[1], input_key)
         trainer = Trainer(model, graph, x, device, minibatch=True, rank=rank, world_size=world,

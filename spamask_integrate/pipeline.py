@@ -165,7 +165,7 @@ def run(
 def _train_parallel(adata, graph, batch_key, config, nproc, nnodes, node_rank, master_addr,
                     master_port, checkpoint, checkpoint_every, resume):
     from .distributed import train_distributed
-    from .train import embed_and_record, resolve_device
+    from .train import embed_and_record, resolve_device, training_epochs, training_mode
 
     tic = time.perf_counter()
     model = train_distributed(adata, batch_key, config, nproc=nproc, nnodes=nnodes,
@@ -174,6 +174,8 @@ def _train_parallel(adata, graph, batch_key, config, nproc, nnodes, node_rank, m
                               checkpoint_every=checkpoint_every, resume=resume)
     if model is not None:
         embed_and_record(adata, model, graph, batch_key=batch_key, key_added=Keys.EMB,
-                         mode="minibatch-ddp", device=resolve_device(config.device),
-                         train_seconds=time.perf_counter() - tic, processes=nproc * nnodes)
+                         mode=f"{training_mode(config, True)}-ddp",
+                         device=resolve_device(config.device),
+                         train_seconds=time.perf_counter() - tic, processes=nproc * nnodes,
+                         epochs=training_epochs(config, adata.n_obs))
     return model

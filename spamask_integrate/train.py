@@ -24,6 +24,8 @@ import torch
 from .config import Keys, SpamaskConfig
 from .errors import ConfigError, InputError, ResourceError
 from .model import SpaMaskModule
+from .sampling import (EdgeMasker, NegativeSampler, TileSubgraphs, full_block,
+                       neighbor_sampler, rows_of)
 from .utils import record, require_obsm
 
 logger = logging.getLogger(__name__)
@@ -64,54 +66,6 @@ def _quiet_dgl_loader():
         yield
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """DGL's CPU neighbour sampling draws per OpenMP thread, so with several threads the
-    same seed gives different samples; one thread makes it reproducible (and costs little)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def neighbor_sampler(fanouts):
-    """A ``dgl.dataloading.NeighborSampler`` whose draws follow ``dgl.seed`` exactly."""
-    import dgl
-
-    class _Sampler(dgl.dataloading.NeighborSampler):
-        def sample_blocks(self, g, seed_nodes, exclude_eids=None):
-            with _one_thread():
-                return super().sample_blocks(g, seed_nodes, exclude_eids)
-
-    return _Sampler(list(fanouts))
-
-
-def full_block(graph, dst: torch.Tensor):
-    """The block of all in-edges of the nodes ``dst``, built in a fixed order.
-
-    DGL's full-neighbour sampler orders a block's edges differently from call to call, which
-    changes float sums; here edges are sorted by (dst, src) and source nodes listed as ``dst``
-    first, then new sources in ascending id, so inference is bit-for-bit repeatable.
-    """
-    import dgl
-
-    src, dst_e = graph.in_edges(dst)
-    extra = torch.unique(src)
-    extra = extra[~torch.isin(extra, dst)]
-    src_nodes = torch.cat([dst, extra])
-    local = torch.full((graph.num_nodes(),), -1, dtype=torch.int64)
-    local[src_nodes] = torch.arange(src_nodes.numel())
-    s_loc, d_loc = local[src], local[dst_e]
-    order = torch.argsort(d_loc * src_nodes.numel() + s_loc)
-    block = dgl.create_block((s_loc[order], d_loc[order]), num_src_nodes=src_nodes.numel(),
-                             num_dst_nodes=dst.numel())
-    block.srcdata[dgl.NID] = src_nodes
-    block.dstdata[dgl.NID] = dst
-    return block
-
-
 # ---------------------------------------------------------------------------- graph helpers
 def gcn_norms(graph, deg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric GCN normalisation 1/sqrt(d_src d_dst) as (source, destination) node scales.
@@ -130,94 +84,20 @@ def gcn_norms(graph, deg: torch.Tensor | None = None) -> tuple[torch.Tensor, tor
     return d, d
 
 
-def _check_undirected(src: torch.Tensor, dst: torch.Tensor, n: int) -> None:
-    """Edge masking hides undirected pairs: every edge needs its reverse, and none may repeat."""
-    ids = src.long() * n + dst.long()
-    unique = torch.unique(ids)
-    if unique.numel() < ids.numel():
-        raise InputError(f"the training graph has {ids.numel() - unique.numel()} duplicated "
-                         "edges; build it with build_graph() or to_dgl(), which remove them")
-    reverse = dst.long() * n + src.long()
-    found = torch.searchsorted(unique, reverse).clamp_(max=unique.numel() - 1)
-    missing = int((unique[found] != reverse).sum())
-    if missing:
-        raise InputError(f"the training graph is not symmetric: {missing} of its {ids.numel()} "
-                         "edges have no reverse; build it with build_graph() or to_dgl(), "
-                         "which make it undirected")
+def training_epochs(config: SpamaskConfig, n_obs: int) -> int:
+    """Epochs a run trains for: ``config.epochs``, or with ``"auto"`` a budget of spot visits.
 
-
-class EdgeMasker:
-    """Draws the edges to hide from the encoder each step and the kept graph.
-
-    ``"undirected"``: a share of the undirected non-self pairs is dropped in both directions.
-    ``"reference"``: each directed edge (self-loops too) is dropped on its own and the kept
-    edges are made bidirected again, as in the reference code (most drops stay visible).
+    ``"auto"`` gives every run ``budget_steps x min(n_obs, subgraph_size)`` spot visits: up to
+    ``subgraph_size`` spots that is ``budget_steps`` full-graph epochs (300 on the shared DLPFC
+    slices, as before); above it, the same number of optimiser steps of ``subgraph_size``
+    spots, so ``ceil(budget_steps x subgraph_size / n_obs)`` epochs (5 at 10^6 spots) and a
+    training time that stops growing with the data. The convergence study behind this rule is
+    in benchmarks/README.md ("Training budget").
     """
-
-    def __init__(self, graph, mode: str, rate: float):
-        src, dst = graph.edges()
-        self.n = graph.num_nodes()
-        _check_undirected(src, dst, self.n)
-        self.mode, self.rate = mode, rate
-        self.src, self.dst = src, dst
-        self.device = src.device
-        forward = src < dst
-        self.pair_u, self.pair_v = src[forward], dst[forward]
-        if mode == "undirected":
-            self.fwd_eid = torch.nonzero(forward).squeeze(1)
-            self.bwd_eid = graph.edge_ids(self.pair_v, self.pair_u)
-        self.self_loops = torch.arange(self.n, device=self.device)
-
-    def draw(self):
-        """Return ``(kept_graph, positives)``: positives is a (2, m) tensor of hidden pairs."""
-        import dgl
-
-        if self.mode == "undirected":
-            n_pairs = self.pair_u.numel()
-            chosen = torch.randperm(n_pairs, device=self.device)[: int(round(self.rate * n_pairs))]
-            keep = torch.ones(self.src.numel(), dtype=torch.bool, device=self.device)
-            keep[self.fwd_eid[chosen]] = False
-            keep[self.bwd_eid[chosen]] = False
-            kept = dgl.graph((self.src[keep], self.dst[keep]), num_nodes=self.n)
-            return kept, torch.stack([self.pair_u[chosen], self.pair_v[chosen]])
-        drop = torch.rand(self.src.numel(), device=self.device) < self.rate
-        ks, kd = self.src[~drop], self.dst[~drop]
-        ids = torch.cat([ks * self.n + kd, kd * self.n + ks,
-                         self.self_loops * self.n + self.self_loops])
-        ids = torch.unique(ids)
-        kept = dgl.graph((ids // self.n, ids % self.n), num_nodes=self.n)
-        return kept, torch.stack([self.src[drop], self.dst[drop]])
-
-
-class NegativeSampler:
-    """Pairs (u, v) with v drawn uniformly from u's own slice, never an edge nor u itself."""
-
-    def __init__(self, graph, slice_codes: torch.Tensor, n_tries: int = 3):
-        self.graph = graph
-        codes = slice_codes.long()
-        order = torch.argsort(codes, stable=True)
-        counts = torch.bincount(codes)
-        self.order = order
-        self.start = torch.cumsum(counts, 0) - counts
-        self.count = counts
-        self.codes = codes
-        self.n_tries = n_tries
-
-    def __call__(self, u: torch.Tensor) -> torch.Tensor:
-        """Negative pairs for sources ``u``: a (2, m') tensor, m' <= len(u)."""
-        s = self.codes[u]
-        v = torch.empty_like(u)
-        todo = torch.ones_like(u, dtype=torch.bool)
-        for _ in range(self.n_tries):
-            idx = torch.nonzero(todo).squeeze(1)
-            if idx.numel() == 0:
-                break
-            off = (torch.rand(idx.numel(), device=u.device) * self.count[s[idx]]).long()
-            v[idx] = self.order[self.start[s[idx]] + off]
-            bad = (v[idx] == u[idx]) | self.graph.has_edges_between(u[idx], v[idx])
-            todo[idx] = bad
-        ok = ~todo
-        return torch.stack([u[ok], v[ok]])
+    if config.epochs != "auto":
+        return int(config.epochs)
+    visits = config.budget_steps * min(n_obs, config.subgraph_size)
+    return max(1, -(-visits // max(n_obs, 1)))
 
 
 # ---------------------------------------------------------------------------- model object
@@ -320,14 +200,7 @@ def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
         minibatch = adata.n_obs > config.minibatch_threshold
     seed_all(config.seed)  # before the module exists: its initial weights follow the seed
     model = SpaMask(config, x.shape[1], use_rep)
-    tiles = None
-    if minibatch and config.tile_size > 1:
-        from .graph import spatial_tiles
-        from .utils import batch_codes
-
-        require_obsm(adata, Keys.SPATIAL)
-        tiles = spatial_tiles(np.asarray(adata.obsm[Keys.SPATIAL]),
-                              batch_codes(adata, batch_key), config.tile_size)
+    tiles = training_tiles(adata, config, batch_key) if minibatch else None
     start = time.perf_counter()
     trainer = Trainer(model, graph, x, device, minibatch=bool(minibatch), tiles=tiles)
     if resume:
@@ -337,14 +210,33 @@ def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
     trainer.fit(checkpoint, checkpoint_every)
     train_seconds = time.perf_counter() - start
     embed_and_record(adata, model, graph, batch_key=batch_key, key_added=key_added,
-                     mode="minibatch" if minibatch else "full-graph", device=device,
-                     train_seconds=train_seconds)
+                     mode=training_mode(config, bool(minibatch)), device=device,
+                     train_seconds=train_seconds, epochs=trainer.epochs)
     return model
+
+
+def training_mode(config: SpamaskConfig, minibatch: bool) -> str:
+    """``"full-graph"``, ``"subgraph"`` (tile groups with a halo) or ``"neighbor"`` sampling."""
+    return config.sampler if minibatch else "full-graph"
+
+
+def training_tiles(adata: ad.AnnData, config: SpamaskConfig, batch_key: str) -> np.ndarray | None:
+    """Spatial tile of every spot for minibatch training: ``subgraph_tile_size`` spots per tile
+    for subgraph steps, ``tile_size`` for neighbour-sampled seeds (``None`` if that is <= 1)."""
+    from .graph import spatial_tiles
+    from .utils import batch_codes
+
+    size = config.subgraph_tile_size if config.sampler == "subgraph" else config.tile_size
+    if size <= 1 and config.sampler == "neighbor":
+        return None
+    require_obsm(adata, Keys.SPATIAL)
+    return spatial_tiles(np.asarray(adata.obsm[Keys.SPATIAL]), batch_codes(adata, batch_key),
+                         max(int(size), 1))
 
 
 def embed_and_record(adata: ad.AnnData, model: SpaMask, graph, *, batch_key: str,
                      key_added: str, mode: str, device, train_seconds: float,
-                     processes: int = 1) -> None:
+                     processes: int = 1, epochs: int | None = None) -> None:
     """Embed all spots once and record the training in ``uns["spamask"]["train"]``."""
     tic = time.perf_counter()
     model.embed(adata, graph, batch_key=batch_key, key_added=key_added)
@@ -352,7 +244,8 @@ def embed_and_record(adata: ad.AnnData, model: SpaMask, graph, *, batch_key: str
     record(adata, "train", {
         "config": model.config.to_dict(), "seed": model.config.seed, "device": str(device),
         "mode": mode, "processes": processes, "input_key": model.input_key,
-        "key_added": key_added, "epochs_run": len(h["loss"]),
+        "key_added": key_added, "epochs": int(epochs if epochs is not None else len(h["loss"])),
+        "epochs_run": len(h["loss"]),
         "loss": np.asarray(h["loss"]), "sce": np.asarray(h["sce"]),
         "edge": np.asarray(h["edge"]), "train_seconds": train_seconds,
         "seconds_per_epoch": train_seconds / max(len(h["loss"]), 1),
@@ -420,12 +313,19 @@ class Trainer:
         self.masker = EdgeMasker(self.graph, self.config.edge_mask, self.config.edge_drop_rate)
         self.negatives = NegativeSampler(self.graph, self.graph.ndata["slice"])
         self.start_epoch = 0
+        self.epochs = training_epochs(self.config, graph.num_nodes())
         self.tiles = None if tiles is None else torch.from_numpy(np.asarray(tiles, np.int64))
+        self.subgraphs = None
+        if minibatch and self.config.sampler == "subgraph":
+            if self.tiles is None:
+                raise ConfigError("subgraph training needs the spatial tile of every spot")
+            self.subgraphs = TileSubgraphs(self.graph, self.tiles, self.config.subgraph_size,
+                                           self.config.halo)
         self.net = self.module  # replaced by a DistributedDataParallel wrapper in workers
         self.seed_log: list | None = None  # (epoch, seed nodes) of every minibatch, if a list
 
     def fit(self, checkpoint: str | Path | None = None, checkpoint_every: int = 0) -> None:
-        """Train for ``config.epochs`` epochs (from ``start_epoch``), with progress and stopping.
+        """Train for ``self.epochs`` epochs (from ``start_epoch``), with progress and stopping.
 
         With ``checkpoint`` and ``checkpoint_every`` = E, rank 0 writes a checkpoint atomically
         after every E-th epoch (see :meth:`save_checkpoint`).
@@ -436,14 +336,19 @@ class Trainer:
         losses = self.model.history.get("loss", [])
         best = min(losses, default=np.inf)
         stale = len(losses) - 1 - int(np.argmin(losses)) if losses else 0
-        bar = tqdm(range(self.start_epoch, c.epochs), desc="SpaMask", unit="epoch",
+        bar = tqdm(range(self.start_epoch, self.epochs), desc="SpaMask", unit="epoch",
                    disable=c.quiet or self.rank != 0, leave=False)
         self.module.train()
         for epoch in bar:
             tic = time.perf_counter()
             seed_all(epoch_seed(c.seed, epoch, self.rank))
             with _quiet_dgl_loader():
-                sce, edge = self._minibatch_epoch(epoch) if self.minibatch else self._full_epoch()
+                if not self.minibatch:
+                    sce, edge = self._full_epoch()
+                elif self.subgraphs is not None:
+                    sce, edge = self._subgraph_epoch(epoch)
+                else:
+                    sce, edge = self._minibatch_epoch(epoch)
             loss = sce + c.lam * edge
             seconds = time.perf_counter() - tic
             for name, value in (("loss", loss), ("sce", sce), ("edge", edge), ("seconds", seconds)):
@@ -521,6 +426,59 @@ class Trainer:
         self._step(sce + c.lam * edge)
         return float(sce), float(edge)
 
+    def _epoch_masks(self):
+        """The epoch's masked nodes, kept graph and hidden pairs sorted by source (+ row ptr)."""
+        n = self.graph.num_nodes()
+        masked = torch.zeros(n, dtype=torch.bool)
+        masked[torch.randperm(n)[: int(self.config.mask_rate * n)]] = True
+        kept, pos = self.masker.draw()
+        pos = pos[:, torch.argsort(pos[0], stable=True)]
+        ptr = torch.cumsum(torch.bincount(pos[0], minlength=n), 0)
+        return masked, kept, pos, ptr
+
+    def _subgraph_epoch(self, epoch: int) -> tuple[float, float]:
+        """One pass over random groups of spatial tiles, a halo-extended subgraph per step.
+
+        Masks, hidden edges and the kept graph are drawn once per epoch on the whole graph, as
+        in full-graph training; a step scores the masked spots and hidden edges of its core and
+        draws negatives among its core spots of the same slice. With data-parallel ranks the
+        number of groups is a multiple of world_size and each rank takes every world_size-th.
+        """
+        c, x = self.config, self.x
+        masked, kept, pos, ptr = self._epoch_masks()
+        kept_deg = kept.in_degrees()
+        gen = torch.Generator().manual_seed(epoch_seed(c.seed, epoch, rank=-1))
+        groups = self.subgraphs.groups(gen, multiple_of=self.world_size)
+        if self.world_size > 1:  # equal steps on every rank (padded when tiles are too few)
+            steps = -(-len(groups) // self.world_size)
+            groups = [groups[(i * self.world_size + self.rank) % len(groups)]
+                      for i in range(steps)]
+        slices = self.graph.ndata["slice"]
+        totals, dev = np.zeros(2), self.device
+        for core in groups:
+            if self.seed_log is not None:
+                self.seed_log.append((epoch, core.clone()))
+            sub, kept_sub, nid, is_core = self.subgraphs.subgraph(core, kept)
+            pos_b = self._cap(rows_of(pos, ptr, core), core.numel())
+            neg_b = NegativeSampler(self.graph, slices, candidates=core)(pos_b[0])
+            m = pos_b.shape[1]
+            pairs = torch.searchsorted(nid, torch.cat([pos_b, neg_b], 1)).to(dev)
+            w = gcn_norms(sub, self.deg.cpu()[nid])
+            wk = gcn_norms(kept_sub, kept_deg[nid])
+            sub, kept_sub = sub.to(dev), kept_sub.to(dev)
+            w = tuple(t.to(dev) for t in w)
+            wk = tuple(t.to(dev) for t in wk)
+            x_sub, m_sub = x[nid].to(dev), masked[nid].to(dev)
+            sce, edge = self.net(
+                dict(enc_graphs=[sub, sub], enc_weights=[w, w], dec_graph=sub, dec_weight=w,
+                     x_in=x_sub, masked_in=m_sub, masked_mid=m_sub, x_target=x_sub,
+                     masked_out=m_sub & is_core.to(dev), alpha=c.alpha),
+                dict(enc_graphs=[kept_sub, kept_sub], enc_weights=[wk, wk], x_in=x_sub,
+                     pos=pairs[:, :m], neg=pairs[:, m:]))
+            self._step(sce + c.lam * edge)
+            totals += (float(sce), float(edge))
+        return tuple(totals / max(len(groups), 1))
+
     def _cap(self, pos: torch.Tensor, n_nodes: int) -> torch.Tensor:
         m = int(self.config.edge_pairs_per_node * n_nodes)
         if m and pos.shape[1] > m:
@@ -555,13 +513,8 @@ class Trainer:
 
         c, g, x = self.config, self.graph, self.x
         n = g.num_nodes()
-        masked = torch.zeros(n, dtype=torch.bool)
-        masked[torch.randperm(n)[: int(c.mask_rate * n)]] = True
-        kept, pos = self.masker.draw()
+        masked, kept, pos, ptr = self._epoch_masks()
         kept_deg = kept.in_degrees().to(self.device)
-        order = torch.argsort(pos[0], stable=True)
-        pos = pos[:, order]
-        ptr = torch.cumsum(torch.bincount(pos[0], minlength=n), 0)
         edge_sampler = neighbor_sampler(c.fanouts[:2])
         # batch_size is the global batch: each of the world_size ranks takes its share, so
         # the steps per epoch and the samples per step match single-process training
@@ -578,7 +531,7 @@ class Trainer:
             x_in = x[input_nodes].to(self.device)
             x_out = x[seeds].to(self.device)
             m_in, m_mid, m_out = (masked[ids].to(self.device) for ids in (input_nodes, mid, seeds))
-            pos_b = self._cap(_rows_of(pos, ptr, seeds), seeds.numel())
+            pos_b = self._cap(rows_of(pos, ptr, seeds), seeds.numel())
             neg_b = self.negatives(pos_b[0])
             nodes, inverse = torch.unique(torch.cat([pos_b, neg_b], 1), return_inverse=True)
             in2, _, blocks2 = edge_sampler.sample(kept, nodes)
@@ -595,18 +548,6 @@ class Trainer:
             totals += (float(sce), float(edge))
             n_batches += 1
         return tuple(totals / max(n_batches, 1))
-
-
-def _rows_of(pos: torch.Tensor, ptr: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-    """Columns of ``pos`` (sorted by source) whose source is in ``seeds``."""
-    ends = ptr[seeds]
-    starts = torch.cat([torch.zeros(1, dtype=ptr.dtype), ptr])[seeds]
-    lens = ends - starts
-    if lens.sum() == 0:
-        return pos[:, :0]
-    idx = torch.repeat_interleave(starts, lens) + (
-        torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens))
-    return pos[:, idx]
 
 
 @torch.no_grad()

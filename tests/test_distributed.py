@@ -1,16 +1,20 @@
 """Two CPU processes with gloo on the loopback address, through the real torchrun launcher."""
 
 import numpy as np
+import pytest
 import torch
 
 import spamask_integrate as si
 from spamask_integrate.distributed import train_distributed
 
 
-def test_two_processes_split_seeds_and_agree(tiny_prepped, tmp_path):
+@pytest.mark.parametrize("sampler", ["subgraph", "neighbor"])
+def test_two_processes_split_seeds_and_agree(tiny_prepped, tmp_path, sampler):
     adata, _ = tiny_prepped
     config = si.SpamaskConfig(epochs=3, hidden_dim=32, latent_dim=16, edge_decoder_hidden=32,
-                              batch_size=64, tile_size=16, quiet=True, seed=1, device="cpu")
+                              batch_size=64, tile_size=16, subgraph_size=100,
+                              subgraph_tile_size=20, sampler=sampler, quiet=True, seed=1,
+                              device="cpu")
     log = str(tmp_path / "seeds")
     model = train_distributed(adata, "slice", config, nproc=2, workdir=tmp_path,
                               seed_log_path=log)

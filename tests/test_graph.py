@@ -135,7 +135,7 @@ def test_edge_masker_rejects_a_directed_or_repeated_graph():
     import dgl
     import torch
 
-    from spamask_integrate.train import EdgeMasker
+    from spamask_integrate.sampling import EdgeMasker
 
     u = torch.tensor([0, 1, 1, 2, 0, 1, 2])
     v = torch.tensor([1, 0, 2, 1, 0, 1, 2])

@@ -8,7 +8,8 @@ from sklearn.mixture import GaussianMixture
 
 import spamask_integrate as si
 from spamask_integrate.model import SpaMaskModule, sce_loss
-from spamask_integrate.train import EdgeMasker, NegativeSampler, _rows_of, gcn_norms, inference
+from spamask_integrate.sampling import EdgeMasker, NegativeSampler, rows_of
+from spamask_integrate.train import gcn_norms, inference
 
 FAST = dict(epochs=12, hidden_dim=32, latent_dim=16, edge_decoder_hidden=32, quiet=True)
 
@@ -65,7 +66,7 @@ def test_negatives_stay_in_slice_and_are_not_edges(tiny_prepped):
 def test_rows_of_selects_sources():
     pos = torch.tensor([[0, 0, 2, 3, 3, 3], [5, 6, 7, 8, 9, 4]])
     ptr = torch.cumsum(torch.bincount(pos[0], minlength=5), 0)
-    out = _rows_of(pos, ptr, torch.tensor([3, 1, 0]))
+    out = rows_of(pos, ptr, torch.tensor([3, 1, 0]))
     assert sorted(out.T.tolist()) == [[0, 5], [0, 6], [3, 4], [3, 8], [3, 9]]
 
 
@@ -128,11 +129,12 @@ def test_edge_loss_gradients_repeat_bit_for_bit_with_two_threads():
 
 def test_minibatch_path(tiny_prepped):
     adata, g = tiny_prepped
-    m1 = si.train(adata, g, minibatch=True, batch_size=128, seed=1, key_added="mb", **FAST)
+    nb = dict(minibatch=True, sampler="neighbor", batch_size=128)
+    m1 = si.train(adata, g, seed=1, key_added="mb", **nb, **FAST)
     assert adata.obsm["mb"].shape == (adata.n_obs, 16)
-    assert adata.uns["spamask"]["train"]["mode"] == "minibatch"
+    assert adata.uns["spamask"]["train"]["mode"] == "neighbor"
     assert np.isfinite(m1.history["loss"]).all() and len(m1.history["loss"]) == 12
-    si.train(adata, g, minibatch=True, batch_size=128, seed=1, key_added="mb2", **FAST)
+    si.train(adata, g, seed=1, key_added="mb2", **nb, **FAST)
     assert np.array_equal(adata.obsm["mb"], adata.obsm["mb2"])  # sampling is seeded too
     si.train(adata, g, minibatch=False, seed=1, key_added="full", **FAST)
     assert adata.uns["spamask"]["train"]["mode"] == "full-graph"
@@ -143,10 +145,13 @@ def test_minibatch_without_dropped_edges_keeps_a_finite_loss(tiny_prepped):
     """With a tiny edge-drop rate most minibatches have no hidden edge among their seeds; the
     mean BCE over no pair was NaN and poisoned the weights."""
     adata, g = tiny_prepped
-    model = si.train(adata, g, minibatch=True, batch_size=16, edge_drop_rate=0.002, seed=0,
-                     key_added="few", **{**FAST, "epochs": 2})
-    assert np.isfinite(model.history["edge"]).all() and np.isfinite(model.history["loss"]).all()
-    assert np.isfinite(adata.obsm["few"]).all()
+    for sampler in ("neighbor", "subgraph"):
+        model = si.train(adata, g, minibatch=True, sampler=sampler, batch_size=16,
+                         subgraph_size=16, subgraph_tile_size=8, edge_drop_rate=0.002, seed=0,
+                         key_added="few", **{**FAST, "epochs": 2})
+        assert np.isfinite(model.history["edge"]).all(), sampler
+        assert np.isfinite(model.history["loss"]).all(), sampler
+        assert np.isfinite(adata.obsm["few"]).all(), sampler
 
 
 def test_layerwise_inference_equals_full_graph_encoder(tiny_prepped):
