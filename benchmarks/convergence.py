@@ -2,12 +2,12 @@
 
 One seeded training run per size with the default configuration (the mode and step size the
 defaults choose at that size: full graph up to 100,000 spots, tile subgraphs of 16,384 spots
-above), continued past the default budget; after the epochs that end nearest to the listed
-step counts the encoder embeds every spot and the default pipeline finishes the job (Harmony
+above), continued past the default budget; after the epochs nearest to the listed multiples
+of the default budget (``epochs="auto"``) the encoder embeds every spot and the default pipeline finishes the job (Harmony
 on the slices, the domain caller, K = 7). ARI is the mean over slices of the per-slice ARI
 against obs["layer"] (as in every DLPFC table) and the pooled ARI over all spots.
 
-Usage: python benchmarks/convergence.py --spots 100000 [--steps 25,50,100,200,300,450]
+Usage: python benchmarks/convergence.py --spots 100000 [--budgets 0.1,0.25,0.5,1,1.5]
 Result: benchmarks/results/convergence_<spots>.json
 """
 
@@ -41,7 +41,8 @@ def score(adata, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--spots", type=int, required=True)
-    parser.add_argument("--steps", default="25,50,100,200,300,450")
+    parser.add_argument("--budgets", default="0.1,0.25,0.5,1,1.5",
+                        help="multiples of the default training budget")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     import spamask_integrate as si
@@ -61,7 +62,7 @@ def main() -> None:
     steps_per_epoch = len(trainer.subgraphs.groups(torch.Generator().manual_seed(0))) \
         if trainer.subgraphs is not None else 1
     default_epochs = training_epochs(config, adata.n_obs)
-    targets = sorted({max(1, round(int(s) / steps_per_epoch)) for s in args.steps.split(",")}
+    targets = sorted({max(1, round(float(b) * default_epochs)) for b in args.budgets.split(",")}
                      | {default_epochs})
     points, train_seconds = [], 0.0
     for epoch in range(max(targets)):
@@ -73,7 +74,8 @@ def main() -> None:
             tic = time.perf_counter()
             adata.obsm["X_spamask"] = inference(model.module, graph, x, torch.device("cpu"),
                                                 config.inference_batch_size)
-            point = {"epochs": epoch + 1, "steps": (epoch + 1) * steps_per_epoch,
+            point = {"epochs": epoch + 1, "budget": (epoch + 1) / default_epochs,
+                     "steps": (epoch + 1) * steps_per_epoch,
                      "spot_visits": (epoch + 1) * adata.n_obs, "train_seconds": train_seconds,
                      "default_budget": epoch + 1 == default_epochs,
                      "loss": model.history["loss"][-1], **score(adata, args.seed),

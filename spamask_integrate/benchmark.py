@@ -304,7 +304,7 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
         # per-slice embeddings live in unrelated spaces: no joint integration score for them
         scib = bool(s.get("scib", False)) and rep is not None
         table = evaluate(adata, ds.get("label_key"), batch_key, [rep] if scib else None,
-                         scib=scib, scib_max_spots=int(s.get("scib_max_spots", 20_000)),
+                         scib=scib, scib_max_spots=s.get("scib_max_spots", "auto"),
                          seed=combo.seed)
         if rep is not None:
             table["embedding"] = table["embedding"].replace(rep, "embedding")

@@ -69,7 +69,7 @@ class SpamaskConfig:
     minibatch_threshold: int = 100_000  # spots above which minibatch training is chosen
     sampler: str = "subgraph"  # "subgraph": tile groups with a halo; "neighbor": DGL sampling
     subgraph_size: int = 16_384  # core spots of one subgraph step
-    subgraph_tile_size: int = 1_024  # spots of one spatial tile (the unit a group is made of)
+    subgraph_tile_size: int = 2_048  # spots of one spatial tile (the unit a group is made of)
     halo: int = 3  # hops around a group's core; 3 = receptive field (2 encoder + 1 decoder)
     batch_size: int = 1024  # seed spots of one neighbour-sampled minibatch
     fanouts: tuple[int, ...] = field(default=(10, 10, 10))  # 2 encoder layers + 1 decoder layer

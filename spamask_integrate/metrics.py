@@ -18,6 +18,15 @@ from .utils import batch_codes, h5ad_safe, require_obs, require_obsm
 logger = logging.getLogger(__name__)
 
 COLUMNS = ["kind", "scope", "embedding", "metric", "value"]
+# Seconds of scib-metrics for E embeddings scoring n spots: about C0 + E * B * n**2 on the
+# 2-core machine (benchmarks/scib_cost.py: 93 s at 4,000 spots and 211 s at 8,000 with 3
+# embeddings; C0 is mostly JAX compiling each metric for the sample's shapes, the quadratic
+# part kBET's diffusion maps and the silhouettes). scib_max_spots="auto" takes the largest
+# sample this model puts within SCIB_SECONDS, between SCIB_MIN_SPOTS and SCIB_MAX_SPOTS.
+SCIB_COST = (56.0, 8.1e-7)
+SCIB_SECONDS = 100.0
+SCIB_MIN_SPOTS = 2_000
+SCIB_MAX_SPOTS = 20_000
 _ACCURACY = {
     "ARI": skm.adjusted_rand_score,
     "NMI": skm.normalized_mutual_info_score,
@@ -35,7 +44,7 @@ def evaluate(
     domain_key: str = Keys.DOMAIN,
     scib: bool = True,
     pre_integrated_key: str | None = Keys.PCA,
-    scib_max_spots: int = 20_000,
+    scib_max_spots: int | str = "auto",
     seed: int = 0,
 ) -> pd.DataFrame:
     """Score domains and embeddings.
@@ -54,7 +63,10 @@ def evaluate(
         Unintegrated embedding for scib's PCR comparison (computed by scanpy if absent).
     scib_max_spots
         Above this, scib scores a seeded sample stratified by slice (``seed``); the table
-        says how many spots were scored.
+        says how many spots were scored (``scib_n_spots``). ``"auto"``: the sample that a
+        cost model (:data:`SCIB_COST`, measured on 2 cores) puts at about
+        :data:`SCIB_SECONDS` for all the embeddings, at least 2,000 and at most 20,000 spots
+        (``scib_sample_auto`` = 1 in the table).
 
     Returns
     -------
@@ -79,9 +91,17 @@ def evaluate(
         for key in keys:
             require_obsm(adata, key)
         if keys:
+            auto = scib_max_spots == "auto"
+            max_spots = scib_sample_size(len(keys)) if auto else scib_max_spots
+            if not auto and (isinstance(max_spots, bool) or not isinstance(
+                    max_spots, (int, np.integer))):
+                raise ConfigError(f"scib_max_spots={scib_max_spots!r}: give 'auto' or a "
+                                  "number of spots")
             rows += scib_rows(adata, keys, label_key or domain_key, batch_key,
-                              pre_integrated_key=pre_integrated_key, max_spots=scib_max_spots,
+                              pre_integrated_key=pre_integrated_key, max_spots=int(max_spots),
                               seed=seed, labels_are_domains=label_key is None)
+            if auto:
+                rows.append(_row("info", "all", "scib_sample_auto", 1))
     table = pd.DataFrame(rows, columns=COLUMNS)
     adata.uns.setdefault(Keys.UNS, {})["metrics"] = h5ad_safe(
         {f"{r.kind}|{r.scope}|{r.embedding}|{r.metric}": float(r.value)
@@ -218,6 +238,14 @@ def scib_rows(adata: ad.AnnData, keys: list[str], label_key: str, batch_key: str
         for metric, value in res.loc[key].items():
             rows.append(_row("integration", "all", str(metric), float(value), embedding=key))
     return rows
+
+
+def scib_sample_size(n_embeddings: int, seconds: float = SCIB_SECONDS) -> int:
+    """Spots scib can score within about ``seconds`` for ``n_embeddings`` embeddings, by the
+    cost model :data:`SCIB_COST`, clipped to [SCIB_MIN_SPOTS, SCIB_MAX_SPOTS]."""
+    fixed, per_spot2 = SCIB_COST
+    room = max(seconds - fixed, 0.0) / (max(n_embeddings, 1) * per_spot2)
+    return int(np.clip(np.sqrt(room) // 100 * 100, SCIB_MIN_SPOTS, SCIB_MAX_SPOTS))
 
 
 def stratified_sample(codes: np.ndarray, max_spots: int, seed: int) -> np.ndarray:

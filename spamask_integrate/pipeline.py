@@ -46,7 +46,7 @@ def run(
     preprocess_kwargs: dict[str, Any] | None = None,
     config: SpamaskConfig | None = None,
     scib: bool = True,
-    scib_max_spots: int = 20_000,
+    scib_max_spots: int | str = "auto",
     figures: bool = True,
     report: bool = True,
     checkpoint: str | Path | None = None,

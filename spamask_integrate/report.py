@@ -126,8 +126,10 @@ def _warnings(adata: ad.AnnData, metrics: pd.DataFrame, run: dict) -> list[str]:
                    f"{int(_uns(adata, 'read', 'n_genes_kept', default=adata.n_vars)):,} kept.")
     scib_n = _info(metrics, "scib_n_spots")
     if scib_n is not None and scib_n < adata.n_obs:
+        sized = " (sized to about a minute of scib)" if _info(metrics, "scib_sample_auto") else ""
         out.append(f"scib-metrics scored a seeded sample of {int(scib_n):,} of "
-                   f"{adata.n_obs:,} spots, stratified by slice (scib_max_spots).")
+                   f"{adata.n_obs:,} spots, stratified by slice{sized}; set scib_max_spots "
+                   "to score more.")
     if _info(metrics, "scib_skipped_one_slice"):
         out.append("One slice only: the scib integration scores were skipped.")
     elif not (metrics["kind"] == "integration").any():

@@ -82,3 +82,30 @@ def test_scib_batch_score_improves_after_integrate():
     assert after["Batch correction"] > before["Batch correction"] + 0.05
     assert after["Bio conservation"] >= before["Bio conservation"] - 0.02
     assert after["Total"] > before["Total"]
+
+
+def test_scib_sample_sized_by_cost(monkeypatch):
+    from spamask_integrate import metrics
+
+    sizes = [metrics.scib_sample_size(e) for e in (1, 2, 3, 6)]
+    assert sizes == sorted(sizes, reverse=True)  # more embeddings, fewer spots
+    assert all(metrics.SCIB_MIN_SPOTS <= n <= metrics.SCIB_MAX_SPOTS for n in sizes)
+    fixed, b = metrics.SCIB_COST
+    n = sizes[2]  # the model puts 3 embeddings of n spots near the budget, not over it
+    assert fixed + 3 * b * n * n <= metrics.SCIB_SECONDS or n == metrics.SCIB_MIN_SPOTS
+    assert fixed + 3 * b * (n + 200) ** 2 > metrics.SCIB_SECONDS or n == metrics.SCIB_MAX_SPOTS
+    # "auto" scores the sample the model allows and says so in the table
+    monkeypatch.setattr(metrics, "SCIB_MIN_SPOTS", 100)
+    monkeypatch.setattr(metrics, "SCIB_MAX_SPOTS", 200)
+    x = si.datasets.synthetic_slices(2, 150, 60, 3, seed=2)
+    rng = np.random.default_rng(0)
+    x.obsm["X_pca"] = rng.normal(size=(x.n_obs, 8))
+    x.obs["domain"] = x.obs["ground_truth"]
+    t = si.evaluate(x, "ground_truth", embedding_keys=["X_pca"])
+    info = t[t.kind == "info"].set_index("metric").value
+    assert info["scib_n_spots"] == 200 and info["scib_sample_auto"] == 1
+    fixed = si.evaluate(x, "ground_truth", embedding_keys=["X_pca"], scib_max_spots=250)
+    finfo = fixed[fixed.kind == "info"].set_index("metric").value
+    assert finfo["scib_n_spots"] == 250 and "scib_sample_auto" not in finfo
+    with pytest.raises(si.ConfigError, match="scib_max_spots"):
+        si.evaluate(x, "ground_truth", embedding_keys=["X_pca"], scib_max_spots="many")

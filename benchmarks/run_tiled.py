@@ -1,0 +1,96 @@
+"""The whole default run, from the command line, on tiled DLPFC data of N spots.
+
+``spamask-integrate run tiled_<N>.h5ad --slice-column slice --label-key layer --n-domains 7``
+with nothing else set (scib on, report on), each repeat a fresh process under
+``/usr/bin/time -v`` (peak RSS of the whole run). The data come from ``tiled.py`` (the four
+DLPFC slices' shared genes, subset to their 2,000 seurat_v3 genes, tiled to N spots with
+``datasets.tile_slices``); the one file holds every replica, told apart by obs["slice"].
+Seconds per stage come from OUT/run.json; "write" is the wall time left after the pipeline
+(writing h5ad, figures and report, plus the start-up imports). ARI/NMI: the mean over
+slices of the per-slice scores and the pooled score over all spots. With several repeats the
+domains of every repeat are compared with the first (ARI between runs of the same seed).
+
+Usage: python benchmarks/run_tiled.py --spots 1000000 [--repeats 2] [--add]
+Result: benchmarks/results/run_tiled_<N>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+from sklearn.metrics import adjusted_rand_score
+
+from _common import RESULTS, write_result
+from tiled import CACHE, tiled
+
+
+def one_run(n: int, out: Path, extra: list[str]) -> dict:
+    path = CACHE / f"tiled_{n}.h5ad"
+    cmd = ["/usr/bin/time", "-v", "spamask-integrate", "-q", "run", str(path),
+           "--slice-column", "slice", "--label-key", "layer", "--n-domains", "7",
+           "-o", str(out), "--overwrite", *extra]
+    tic = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - tic
+    if proc.returncode:
+        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    info = json.loads((out / "run.json").read_text())
+    seconds = {k: v for k, v in info["seconds"].items() if k != "total"}
+    seconds["write_and_startup"] = wall - info["seconds"]["total"]
+    m = pd.read_csv(out / "metrics.csv")
+    dom = m[(m.kind == "domain") & (m.scope != "all")]
+    pooled = m[(m.kind == "domain") & (m.scope == "all")].set_index("metric").value
+    scib_n = m[(m.kind == "info") & (m.metric == "scib_n_spots")].value
+    return {"n_spots": info["n_spots"], "n_slices": info["n_slices"], "seconds": seconds,
+            "total_seconds": wall, "peak_rss_gb": rss_kb / 1024**2,
+            "ari_mean_slice": float(dom[dom.metric == "ARI"].value.mean()),
+            "nmi_mean_slice": float(dom[dom.metric == "NMI"].value.mean()),
+            "ari_pooled": float(pooled["ARI"]), "nmi_pooled": float(pooled["NMI"]),
+            "scib_n_spots": int(scib_n.iloc[0]) if len(scib_n) else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spots", type=int, required=True)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--add", action="store_true", help="keep the runs already measured")
+    parser.add_argument("--out", default="/tmp/run_tiled")
+    args = parser.parse_args()
+    tiled(args.spots)  # build and cache the data outside the timed runs
+    name = f"run_tiled_{args.spots}"
+    old = json.loads((RESULTS / f"{name}.json").read_text()) if args.add and \
+        (RESULTS / f"{name}.json").exists() else {"runs": []}
+    runs = old["runs"]
+    first_domains = None
+    for i in range(args.repeats):
+        out = Path(f"{args.out}_{args.spots}_{len(runs)}")
+        runs.append(one_run(args.spots, out, []))
+        dom = pd.read_csv(out / "domains.csv", index_col=0).iloc[:, 0].astype(str)
+        if first_domains is None:
+            first_domains = dom
+        else:
+            runs[-1]["ari_vs_first_repeat"] = float(adjusted_rand_score(
+                first_domains.loc[dom.index], dom))
+        print({k: v for k, v in runs[-1].items() if k != "seconds"}, flush=True)
+    stages = list(runs[0]["seconds"])
+    seconds = {s: statistics.median(r["seconds"][s] for r in runs) for s in stages}
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    write_result(name, {
+        "n_spots": runs[0]["n_spots"], "n_slices": runs[0]["n_slices"], "repeats": len(runs),
+        "settings": "defaults (CLI run with --slice-column, --label-key, --n-domains 7 only)",
+        "seconds": seconds, "total_seconds": med("total_seconds"),
+        "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+        "ari_mean_slice": med("ari_mean_slice"), "nmi_mean_slice": med("nmi_mean_slice"),
+        "ari_pooled": med("ari_pooled"), "nmi_pooled": med("nmi_pooled"), "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
