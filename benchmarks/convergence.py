@@ -30,7 +30,7 @@ def score(adata, seed: int) -> dict:
     si.integrate(adata, seed=seed)
     si.cluster(adata, 7, seed=seed)
     truth = adata.obs["layer"].astype(str).to_numpy()
-    dom = adata.obs["spamask_domain"].astype(str).to_numpy()
+    dom = adata.obs["domain"].astype(str).to_numpy()
     codes = adata.obs["slice"].cat.codes.to_numpy()
     per = [adjusted_rand_score(truth[codes == c], dom[codes == c]) for c in np.unique(codes)]
     return {"ari_mean_slice": float(np.mean(per)), "ari_sd_slice": float(np.std(per)),
@@ -61,7 +61,7 @@ def main() -> None:
     trainer = Trainer(model, graph, x, torch.device("cpu"), minibatch=minibatch, tiles=tiles)
     steps_per_epoch = len(trainer.subgraphs.groups(torch.Generator().manual_seed(0))) \
         if trainer.subgraphs is not None else 1
-    default_epochs = training_epochs(config, adata.n_obs)
+    default_epochs = training_epochs(config, adata.n_obs, minibatch)
     targets = sorted({max(1, round(float(b) * default_epochs)) for b in args.budgets.split(",")}
                      | {default_epochs})
     points, train_seconds = [], 0.0

@@ -199,7 +199,7 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
               help="Train on parts of the graph (see --sampler).")
 @click.option("--full-graph", "mode", flag_value="full", help="Whole graph each step.")
 @click.option("--auto", "mode", flag_value="auto", default=True,
-              help="Minibatches above 100,000 spots [default].")
+              help="Minibatches above 16,384 spots [default].")
 @click.option("--sampler", type=click.Choice(["subgraph", "neighbor"]), default=None,
               help="Minibatches of spatial tiles with their 3-hop halo, or DGL neighbour "
                    "sampling [subgraph].")

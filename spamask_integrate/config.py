@@ -55,18 +55,23 @@ class SpamaskConfig:
     lr: float = 1e-3  # reference 1e-3
     weight_decay: float = 2e-4  # reference 2e-4
     grad_clip: float = 5.0  # reference 5
-    # "auto": budget_steps steps of the whole graph, or the same spot visits in subgraphs or
-    # minibatches on larger data (see train.training_epochs); an int trains that many epochs.
+    # "auto" (see train.training_epochs): full_graph_epochs on the whole graph; minibatch
+    # training gets budget_steps steps' worth of subgraph_size spots (150: the 100k-spot
+    # convergence study plateaus from 84 steps); an int trains that many epochs.
     # Reference: 1000 epochs (multi-slice run); 300 full-graph epochs score as well on DLPFC.
     epochs: int | str = "auto"
-    budget_steps: int = 300
+    full_graph_epochs: int = 300
+    budget_steps: int = 150
     seed: int = 2023  # reference 2023
     # early stopping on a loss plateau (patience 0 disables it)
     patience: int = 0
     min_delta: float = 1e-4
     # minibatch training: spatial tile subgraphs (default) or neighbour sampling
     minibatch: bool | None = None  # None: automatic, by graph size
-    minibatch_threshold: int = 100_000  # spots above which minibatch training is chosen
+    # spots above which minibatch training is chosen: the full graph only while it fits one
+    # step of subgraph_size; above, tile subgraphs are faster per spot (100k spots: 11.4k
+    # spots/s against 6.8k for the full graph, benchmarks/README.md)
+    minibatch_threshold: int = 16_384
     sampler: str = "subgraph"  # "subgraph": tile groups with a halo; "neighbor": DGL sampling
     subgraph_size: int = 16_384  # core spots of one subgraph step
     subgraph_tile_size: int = 2_048  # spots of one spatial tile (the unit a group is made of)
@@ -87,7 +92,7 @@ class SpamaskConfig:
                                           and self.epochs >= 1)):
             raise ConfigError(f"epochs={self.epochs!r}: must be 'auto' or a positive integer")
         positive = ("hidden_dim", "latent_dim", "edge_decoder_hidden", "batch_size",
-                    "minibatch_threshold", "inference_batch_size", "budget_steps",
+                    "minibatch_threshold", "inference_batch_size", "budget_steps", "full_graph_epochs",
                     "subgraph_size", "subgraph_tile_size")
         for name in positive:
             if int(getattr(self, name)) < 1:

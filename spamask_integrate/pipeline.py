@@ -177,5 +177,5 @@ def _train_parallel(adata, graph, batch_key, config, nproc, nnodes, node_rank, m
                          mode=f"{training_mode(config, True)}-ddp",
                          device=resolve_device(config.device),
                          train_seconds=time.perf_counter() - tic, processes=nproc * nnodes,
-                         epochs=training_epochs(config, adata.n_obs))
+                         epochs=training_epochs(config, adata.n_obs, minibatch=True))
     return model

@@ -84,19 +84,21 @@ def gcn_norms(graph, deg: torch.Tensor | None = None) -> tuple[torch.Tensor, tor
     return d, d
 
 
-def training_epochs(config: SpamaskConfig, n_obs: int) -> int:
+def training_epochs(config: SpamaskConfig, n_obs: int, minibatch: bool) -> int:
     """Epochs a run trains for: ``config.epochs``, or with ``"auto"`` a budget of spot visits.
 
-    ``"auto"`` gives every run ``budget_steps x min(n_obs, subgraph_size)`` spot visits: up to
-    ``subgraph_size`` spots that is ``budget_steps`` full-graph epochs (300 on the shared DLPFC
-    slices, as before); above it, the same number of optimiser steps of ``subgraph_size``
-    spots, so ``ceil(budget_steps x subgraph_size / n_obs)`` epochs (5 at 10^6 spots) and a
-    training time that stops growing with the data. The convergence study behind this rule is
-    in benchmarks/README.md ("Training budget").
+    ``"auto"``: full-graph training runs ``full_graph_epochs`` (300) epochs while the graph
+    fits one step (``subgraph_size`` spots, as the four DLPFC slices do). Minibatch training
+    gets ``budget_steps`` (150) steps' worth of ``subgraph_size`` spots, i.e.
+    ``ceil(budget_steps x subgraph_size / n_obs)`` epochs: 25 at 100,000 spots, 3 at 10^6, so
+    training time stops growing with the data. A full graph larger than one step gets
+    ``full_graph_epochs`` x ``subgraph_size`` spot visits. The convergence study behind the
+    numbers is in benchmarks/README.md ("Training budget").
     """
     if config.epochs != "auto":
         return int(config.epochs)
-    visits = config.budget_steps * min(n_obs, config.subgraph_size)
+    steps = config.budget_steps if minibatch else config.full_graph_epochs
+    visits = steps * min(n_obs, config.subgraph_size)
     return max(1, -(-visits // max(n_obs, 1)))
 
 
@@ -313,7 +315,7 @@ class Trainer:
         self.masker = EdgeMasker(self.graph, self.config.edge_mask, self.config.edge_drop_rate)
         self.negatives = NegativeSampler(self.graph, self.graph.ndata["slice"])
         self.start_epoch = 0
-        self.epochs = training_epochs(self.config, graph.num_nodes())
+        self.epochs = training_epochs(self.config, graph.num_nodes(), minibatch)
         self.tiles = None if tiles is None else torch.from_numpy(np.asarray(tiles, np.int64))
         self.subgraphs = None
         if minibatch and self.config.sampler == "subgraph":

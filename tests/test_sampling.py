@@ -106,18 +106,29 @@ def test_subgraph_training_is_seeded_and_learns(tiny_prepped):
 def test_auto_epochs_budget():
     c = si.SpamaskConfig()
     assert c.epochs == "auto"
-    assert training_epochs(c, 11_380) == 300  # the shared DLPFC slices: as before
-    assert training_epochs(c, 1_000_000) == 5  # 300 steps of 16,384 spots
-    assert training_epochs(c, 100_000) == 50
-    assert training_epochs(c.replace(epochs=7), 1_000_000) == 7
-    assert training_epochs(c.replace(budget_steps=10, subgraph_size=100), 1_000) == 1
+    assert training_epochs(c, 11_380, minibatch=False) == 300  # the DLPFC slices: as before
+    assert training_epochs(c, 1_000_000, minibatch=True) == 3  # 150 steps of 16,384 spots
+    assert training_epochs(c, 100_000, minibatch=True) == 25
+    assert training_epochs(c, 100_000, minibatch=False) == 50  # 300 x 16,384 spot visits
+    assert training_epochs(c.replace(epochs=7), 1_000_000, minibatch=True) == 7
+    assert training_epochs(c.replace(budget_steps=10, subgraph_size=100), 1_000, True) == 1
     with pytest.raises(si.errors.ConfigError, match="epochs"):
         c.replace(epochs="many")
 
 
 def test_auto_epochs_recorded(tiny_prepped):
     adata, g = tiny_prepped
-    si.train(adata, g, budget_steps=3, hidden_dim=16, latent_dim=8, edge_decoder_hidden=16,
+    si.train(adata, g, full_graph_epochs=3, hidden_dim=16, latent_dim=8, edge_decoder_hidden=16,
              quiet=True, seed=0)
     info = adata.uns["spamask"]["train"]
     assert info["epochs"] == 3 and info["epochs_run"] == 3 and info["config"]["epochs"] == "auto"
+
+
+def test_larger_graphs_train_on_tile_subgraphs_by_default(tiny_prepped):
+    adata, g = tiny_prepped
+    small = dict(epochs=1, hidden_dim=16, latent_dim=8, edge_decoder_hidden=16, quiet=True)
+    si.train(adata, g, **small)  # 600 spots: one step holds the whole graph
+    assert adata.uns["spamask"]["train"]["mode"] == "full-graph"
+    si.train(adata, g, minibatch_threshold=500, subgraph_size=200, subgraph_tile_size=50,
+             **small)
+    assert adata.uns["spamask"]["train"]["mode"] == "subgraph"
