@@ -210,6 +210,7 @@ def render_run_report(adata: ad.AnnData, folder: str | Path, metrics: pd.DataFra
         command=" ".join(map(str, run.get("command") or [])), inputs=inputs,
         tables=_score_tables(metrics[metrics["kind"] != "info"]), figures=figures,
         training={"epochs": int(train.get("epochs_run", 0) or 0),
+                  "auto": (train.get("config") or {}).get("epochs") == "auto",
                   "mode": train.get("mode", ""), "device": train.get("device", ""),
                   "seconds": float(train.get("train_seconds", 0) or 0)},
         params=param_rows + cluster_rows, seed=seed,
