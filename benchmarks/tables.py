@@ -66,7 +66,7 @@ def ablation_tables(per_seed: pd.DataFrame) -> None:
 
 def run_table(folder: Path) -> None:
     """Seconds per stage of the whole ``run`` (medians over repeats), one column per result."""
-    runs = [json.loads(p.read_text()) for p in folder.glob("run_*.json")]
+    runs = [json.loads(p.read_text()) for p in folder.glob("run_[0-9]*.json")]
     runs.sort(key=lambda r: (r["n_spots"], not r.get("scib", True)))
     stages = list(dict.fromkeys(s for r in runs for s in r["seconds"] if s != "read"))
     head = [f"{r['n_spots']:,}" + ("" if r.get("scib", True) else " (no scib)") for r in runs]
@@ -82,6 +82,30 @@ def run_table(folder: Path) -> None:
     print("| runs | " + " | ".join(str(r.get("repeats", 1)) for r in runs) + " |")
 
 
+def tiled_table(folder: Path) -> None:
+    """The default CLI run on tiled DLPFC data (run_tiled_*.json): medians over repeats."""
+    runs = sorted((json.loads(p.read_text()) for p in folder.glob("run_tiled_*.json")),
+                  key=lambda r: r["n_spots"])
+    stages = list(dict.fromkeys(s for r in runs for s in r["seconds"]))
+    print("| | " + " | ".join(f"{r['n_spots']:,} ({r['n_slices']} slices)" for r in runs) + " |")
+    print("| --- |" + " ---: |" * len(runs))
+    for stage in stages:
+        print(f"| {stage} | " + " | ".join(f"{r['seconds'].get(stage, float('nan')):.0f}"
+                                           for r in runs) + " |")
+    print("| **total (s)** | " + " | ".join(
+        f"**{r['total_seconds']:.0f}** ({r['total_seconds'] / 60:.1f} min)" for r in runs) + " |")
+    print("| peak RSS (GB) | " + " | ".join(f"{r['peak_rss_gb']:.1f}" for r in runs) + " |")
+    for key, name in (("ari_mean_slice", "ARI, mean over slices"), ("ari_pooled", "ARI, pooled"),
+                      ("nmi_mean_slice", "NMI, mean over slices"), ("nmi_pooled", "NMI, pooled")):
+        print(f"| {name} | " + " | ".join(f"{r[key]:.3f}" for r in runs) + " |")
+    print("| scib sample (spots) | " + " | ".join(
+        f"{r['runs'][0].get('scib_n_spots') or 0:,}" for r in runs) + " |")
+    print("| same-seed repeat: ARI between domains | " + " | ".join(
+        ", ".join(f"{x['ari_vs_first_repeat']:.3f}" for x in r["runs"]
+                  if "ari_vs_first_repeat" in x) or "—" for r in runs) + " |")
+    print("| runs (median of) | " + " | ".join(str(r["repeats"]) for r in runs) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("results", type=Path)
@@ -89,7 +113,12 @@ def main() -> None:
                         help="one small table per ablated setting")
     parser.add_argument("--runs", action="store_true",
                         help="the whole-run stage table from RESULTS/run_*.json")
+    parser.add_argument("--tiled", action="store_true",
+                        help="the default-run table from RESULTS/run_tiled_*.json")
     args = parser.parse_args()
+    if args.tiled:
+        tiled_table(args.results)
+        return
     if args.runs:
         run_table(args.results)
         return

@@ -19,14 +19,29 @@ def _palette(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+MAX_SLICE_PANELS = 24
+
+
+def shown_slices(slices: list, max_slices: int | None = MAX_SLICE_PANELS) -> list:
+    """The slices a per-slice figure draws: all, or ``max_slices`` evenly spaced over the
+    list (first and last included), so an atlas of hundreds of slices gives a readable page."""
+    if max_slices is None or len(slices) <= max_slices:
+        return list(slices)
+    keep = np.unique(np.linspace(0, len(slices) - 1, max_slices).round().astype(int))
+    return [slices[i] for i in keep]
+
+
 def spatial_domains(adata: ad.AnnData, domain_key: str = Keys.DOMAIN,
                     batch_key: str = Keys.BATCH, *, ncols: int = 4,
-                    spot_size: float | None = None) -> Figure:
-    """One panel per slice, spots coloured by domain with the same colours in every panel."""
+                    spot_size: float | None = None,
+                    max_slices: int | None = MAX_SLICE_PANELS) -> Figure:
+    """One panel per slice (at most ``max_slices``, evenly spaced, see :func:`shown_slices`),
+    spots coloured by domain with the same colours in every panel."""
     require_obs(adata, domain_key)
     require_obs(adata, batch_key)
     require_obsm(adata, Keys.SPATIAL)
-    slices = list(adata.obs[batch_key].cat.categories)
+    all_slices = list(adata.obs[batch_key].cat.categories)
+    slices = shown_slices(all_slices, max_slices)
     cats = list(adata.obs[domain_key].cat.categories)
     colours = _palette(len(cats))
     ncols = min(ncols, len(slices))
@@ -49,6 +64,8 @@ def spatial_domains(adata: ad.AnnData, domain_key: str = Keys.DOMAIN,
         ax.set_axis_off()
     handles = [_dot(colours[i], c) for i, c in enumerate(cats)]
     fig.legend(handles=handles, title=domain_key, loc="outside right center", frameon=False)
+    if len(slices) < len(all_slices):
+        fig.suptitle(f"{len(slices)} of {len(all_slices)} slices, evenly spaced")
     return fig
 
 
@@ -120,13 +137,14 @@ def scores(metrics: pd.DataFrame) -> Figure:
 
 def domain_maps(adata: ad.AnnData, domain_key: str = Keys.DOMAIN, batch_key: str = Keys.BATCH,
                 label_key: str | None = None, *, max_spots: int = 20_000,
-                seed: int = 0) -> Figure:
+                seed: int = 0, max_slices: int | None = MAX_SLICE_PANELS) -> Figure:
     """Per slice, the domains and (with ``label_key``) the ground truth side by side.
 
     Domains keep one colour across slices; each label takes the colour of the domain that
     overlaps it most (one to one), so a match reads at a glance; spots without a label are
-    grey. Each panel shows at most ``max_spots`` spots (a seeded sample), so a
-    report of a million spots stays small.
+    grey. Each panel shows at most ``max_spots`` spots (a seeded sample) and at most
+    ``max_slices`` slices are drawn (:func:`shown_slices`), so a report of a million spots
+    in hundreds of slices stays small.
     """
     require_obs(adata, domain_key)
     require_obs(adata, batch_key)
@@ -134,7 +152,7 @@ def domain_maps(adata: ad.AnnData, domain_key: str = Keys.DOMAIN, batch_key: str
     keys = [domain_key] + ([label_key] if label_key else [])
     for key in keys:
         require_obs(adata, key)
-    slices = list(adata.obs[batch_key].cat.categories)
+    slices = shown_slices(list(adata.obs[batch_key].cat.categories), max_slices)
     slots = [(s, key) for s in slices for key in keys]  # pairs stay on one row (4 columns)
     ncols = min(len(slots), 4)
     nrows = int(np.ceil(len(slots) / ncols))

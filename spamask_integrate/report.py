@@ -114,7 +114,10 @@ def _info(metrics: pd.DataFrame, name: str) -> float | None:
     return None if hit.empty else float(hit["value"].iloc[0])
 
 
-def _warnings(adata: ad.AnnData, metrics: pd.DataFrame, run: dict) -> list[str]:
+def _warnings(adata: ad.AnnData, metrics: pd.DataFrame, run: dict,
+              batch_key: str = Keys.BATCH) -> list[str]:
+    from .plot import MAX_SLICE_PANELS
+
     out = []
     unlabelled = _info(metrics, "n_unlabelled")
     if unlabelled:
@@ -124,6 +127,10 @@ def _warnings(adata: ad.AnnData, metrics: pd.DataFrame, run: dict) -> list[str]:
         out.append(f"{int(dropped):,} genes not measured in every slice were dropped "
                    f"(join={_uns(adata, 'read', 'join', default='inner')}); "
                    f"{int(_uns(adata, 'read', 'n_genes_kept', default=adata.n_vars)):,} kept.")
+    n_slices = adata.obs[batch_key].nunique() if batch_key in adata.obs else 0
+    if n_slices > MAX_SLICE_PANELS:
+        out.append(f"The maps show {MAX_SLICE_PANELS} of the {n_slices} slices, evenly "
+                   "spaced; every slice's scores are in the tables.")
     scib_n = _info(metrics, "scib_n_spots")
     if scib_n is not None and scib_n < adata.n_obs:
         sized = " (sized to about a minute of scib)" if _info(metrics, "scib_sample_auto") else ""
@@ -216,7 +223,7 @@ def render_run_report(adata: ad.AnnData, folder: str | Path, metrics: pd.DataFra
         params=param_rows + cluster_rows, seed=seed,
         seconds=_in_step_order(seconds),
         versions={str(k): str(v) for k, v in dict(versions).items()},
-        warnings=_warnings(adata, metrics, run), sections=RUN_SECTIONS)
+        warnings=_warnings(adata, metrics, run, batch_key), sections=RUN_SECTIONS)
     return html
 
 

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import spamask_integrate as si
 from cli.main import main
 from conftest import (write_h5ad_slices, write_plan_with_a_broken_dataset,
                       write_slices_and_config)
@@ -147,3 +148,18 @@ def test_benchmark_report_table_boxes_and_failures(tiny_slices, tmp_path):
     (out / "report.html").unlink()
     res = CliRunner().invoke(main, ["report", str(out)])
     assert res.exit_code == 0 and (out / "report.html").is_file()
+
+
+def test_many_slices_draw_a_bounded_number_of_panels():
+    """An atlas of hundreds of slices draws at most MAX_SLICE_PANELS slices, evenly spaced."""
+    from spamask_integrate.plot import MAX_SLICE_PANELS, domain_maps, shown_slices
+
+    names = [f"s{i}" for i in range(300)]
+    shown = shown_slices(names)
+    assert len(shown) == MAX_SLICE_PANELS and shown[0] == "s0" and shown[-1] == "s299"
+    assert shown_slices(names[:5]) == names[:5] and len(shown_slices(names, None)) == 300
+    a = si.datasets.synthetic_slices(30, 40, 20, 3, seed=0)
+    a.obs["domain"] = a.obs["ground_truth"]
+    fig = domain_maps(a, "domain", "slice", "ground_truth", max_slices=6)
+    drawn = [ax for ax in fig.axes if ax.get_title()]
+    assert len(drawn) == 12  # 6 slices x (domains, truth)
