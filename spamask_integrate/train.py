@@ -456,6 +456,7 @@ class Trainer:
             groups = [groups[(i * self.world_size + self.rank) % len(groups)]
                       for i in range(steps)]
         slices = self.graph.ndata["slice"]
+        deg = self.deg.cpu()  # once per epoch, not per step (a copy when training on a GPU)
         totals, dev = np.zeros(2), self.device
         for core in groups:
             if self.seed_log is not None:
@@ -465,7 +466,7 @@ class Trainer:
             neg_b = NegativeSampler(self.graph, slices, candidates=core)(pos_b[0])
             m = pos_b.shape[1]
             pairs = torch.searchsorted(nid, torch.cat([pos_b, neg_b], 1)).to(dev)
-            w = gcn_norms(sub, self.deg.cpu()[nid])
+            w = gcn_norms(sub, deg[nid])
             wk = gcn_norms(kept_sub, kept_deg[nid])
             sub, kept_sub = sub.to(dev), kept_sub.to(dev)
             w = tuple(t.to(dev) for t in w)
