@@ -109,3 +109,49 @@ def test_scib_sample_sized_by_cost(monkeypatch):
     assert finfo["scib_n_spots"] == 250 and "scib_sample_auto" not in finfo
     with pytest.raises(si.ConfigError, match="scib_max_spots"):
         si.evaluate(x, "ground_truth", embedding_keys=["X_pca"], scib_max_spots="many")
+
+
+def test_kbet_diffusion_neighbours_exact_inside_scib_only(monkeypatch):
+    """scib's kBET searches each label's diffusion map with our exact kNN (no pynndescent
+    compile) while scib runs, gives kBET the same answer, and leaves scib as it was after."""
+    import gc
+
+    import scib_metrics
+    from scib_metrics.utils import _diffusion_nn
+
+    from spamask_integrate import metrics
+
+    module = _diffusion_nn.nearest_neighbors
+    stock = module.pynndescent
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    res = metrics._exact_neighbours(x, 11)
+    assert res.indices.shape == (120, 11)
+    assert np.array_equal(res.indices[:, 0], np.arange(120))  # each point first
+    dist = np.linalg.norm(x[:, None] - x[None], axis=2)
+    assert np.allclose(np.sort(dist, axis=1)[:, :11], res.distances, atol=1e-4)
+    with pytest.raises(ValueError):
+        metrics._exact_neighbours(x[:8], 11)
+
+    # kBET under the block: the search goes to the exact kNN, the heap is frozen meanwhile
+    batches = np.repeat(["a", "b"], 60)
+    labels = np.tile(["u", "v"], 60)
+    graph = metrics._sklearn_neighbors(x, 50)
+    calls = []
+    exact = metrics._exact_neighbours
+
+    def spy(data, n_neighbors, **kw):
+        calls.append((len(data), n_neighbors))
+        return exact(data, n_neighbors)
+
+    monkeypatch.setattr(metrics, "_exact_neighbours", spy)
+    with metrics._frozen_heap(), metrics._exact_diffusion_neighbours():
+        assert gc.get_freeze_count() > 0
+        score = scib_metrics.kbet_per_label(graph, batches, labels)
+    assert len(calls) == 2 and all(n == 60 for n, _ in calls)  # one search per label
+    assert 0.0 <= score <= 1.0
+    assert module.pynndescent is stock and gc.get_freeze_count() == 0
+    # the same neighbours by hand give the same kBET: nothing else changed
+    monkeypatch.setattr(module, "pynndescent", lambda d, n_neighbors, **kw:
+                        exact(d, n_neighbors))
+    assert scib_metrics.kbet_per_label(graph, batches, labels) == pytest.approx(score)
