@@ -376,13 +376,26 @@ def read_slices(
 def _split_by_column(adata: ad.AnnData, src: SliceSource,
                      column: str) -> list[tuple[SliceSource, ad.AnnData]]:
     """One (source, AnnData) per value of ``obs[column]`` of a file holding many slices."""
-    if column not in adata.obs.columns:
-        raise InputError(f"{src.path}: slice column obs[{column!r}] not found (columns: "
-                         f"{', '.join(map(str, adata.obs.columns[:10])) or 'none'})")
-    values = adata.obs[column]
+    slices = slice_categories(adata.obs, column, str(src.path))
+    parts = []
+    for i, value in enumerate(slices.categories):
+        sub = SliceSource(src.path, str(value), None, src.platform, src.label_key, column)
+        parts.append((sub, adata[slices.codes == i].copy()))
+    logger.info("%s: %d slices by obs[%r]", src.path, len(parts), column)
+    return parts
+
+
+def slice_categories(obs: pd.DataFrame, column: str, where: str) -> pd.Categorical:
+    """``obs[column]`` as every spot's slice: a categorical whose categories are the values
+    present, in their categorical order if the column is categorical, else in order of first
+    appearance. Errors name ``where`` (a file, or "the AnnData given") and the column."""
+    if column not in obs.columns:
+        raise InputError(f"{where}: slice column obs[{column!r}] not found (columns: "
+                         f"{', '.join(map(str, obs.columns[:10])) or 'none'})")
+    values = obs[column]
     missing = int(values.isna().sum())
     if missing:
-        raise InputError(f"{src.path}: slice column obs[{column!r}] is empty for {missing} "
+        raise InputError(f"{where}: slice column obs[{column!r}] is empty for {missing} "
                          "spots; give every spot its slice")
     if isinstance(values.dtype, pd.CategoricalDtype):
         present = set(values.unique())
@@ -390,12 +403,7 @@ def _split_by_column(adata: ad.AnnData, src: SliceSource,
     else:
         order = list(pd.unique(values))
     codes = pd.Categorical(values, categories=order).codes
-    parts = []
-    for i, value in enumerate(order):
-        sub = SliceSource(src.path, str(value), None, src.platform, src.label_key, column)
-        parts.append((sub, adata[codes == i].copy()))
-    logger.info("%s: %d slices by obs[%r]", src.path, len(parts), column)
-    return parts
+    return pd.Categorical.from_codes(codes, categories=[str(v) for v in order])
 
 
 def _normalise_slice(adata: ad.AnnData, src: SliceSource, *, batch_key: str,

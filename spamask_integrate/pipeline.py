@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
-import pandas as pd
 
 from .cluster import SPATIAL_PRIOR, cluster
 from .config import Keys, SpamaskConfig
 from .errors import ConfigError
 from .graph import build_graph
 from .integrate import integrate
-from .io import read_slices, write_outputs
+from .io import read_slices, slice_categories, write_outputs
 from .metrics import evaluate
 from .preprocess import preprocess
 from .train import train, versions
@@ -105,13 +104,8 @@ def run(
         if isinstance(sources, ad.AnnData):
             adata = sources
             if slice_column is not None:
-                if slice_column not in adata.obs:
-                    raise ConfigError(f"slice column obs[{slice_column!r}] not found in the "
-                                      "AnnData given")
-                if adata.obs[slice_column].isna().any():
-                    raise ConfigError(f"slice column obs[{slice_column!r}] is empty for some "
-                                      "spots; give every spot its slice")
-                adata.obs[batch_key] = pd.Categorical(adata.obs[slice_column].astype(str))
+                adata.obs[batch_key] = slice_categories(adata.obs, slice_column,
+                                                        "the AnnData given")
             if batch_key not in adata.obs:
                 raise ConfigError(f"obs[{batch_key!r}] not found in the AnnData given")
         else:

@@ -47,6 +47,25 @@ def test_failed_write_leaves_no_partial_files(tiny_slices, tmp_path, monkeypatch
     assert list(out.iterdir()) == []
 
 
+def test_run_splits_an_anndata_by_its_slice_column(tiny_slices):
+    """run() on one AnnData with a sample column: the same slices as read_slices would make,
+    and the same one-line errors naming the column."""
+    atlas = tiny_slices.copy()
+    atlas.obs["sample"] = atlas.obs["slice"].astype(str).map({"slice0": "b", "slice1": "a"})
+    del atlas.obs["slice"]
+    with pytest.raises(si.InputError, match=r"the AnnData given: slice column "
+                                            r"obs\['donor'\] not found"):
+        si.run(atlas.copy(), None, slice_column="donor", scib=False, **FAST)
+    holes = atlas.copy()
+    holes.obs.loc[holes.obs_names[:3], "sample"] = None
+    with pytest.raises(si.InputError, match=r"obs\['sample'\] is empty for 3 spots"):
+        si.run(holes, None, slice_column="sample", scib=False, **FAST)
+    out = si.run(atlas, None, label_key="ground_truth", n_domains=4, k=6, slice_column="sample",
+                 preprocess_kwargs=PREP, scib=False, **FAST)
+    assert list(out.obs["slice"].cat.categories) == ["b", "a"]  # order of appearance
+    assert (out.obs["slice"].astype(str) == out.obs["sample"]).all()
+
+
 BUSY = """
 import numpy as np
 a = np.random.default_rng(0).random((600, 600))
