@@ -10,8 +10,12 @@ Seconds per stage come from OUT/run.json; "write" is the wall time left after th
 slices of the per-slice scores and the pooled score over all spots. With several repeats the
 domains of every repeat are compared with the first (ARI between runs of the same seed).
 
+``--dlpfc`` runs the four shared DLPFC slices themselves instead (four files, all genes):
+``spamask-integrate run 151673.h5ad ... 151676.h5ad --label-key layer --n-domains 7``.
+
 Usage: python benchmarks/run_tiled.py --spots 1000000 [--repeats 2] [--add]
-Result: benchmarks/results/run_tiled_<N>.json
+       python benchmarks/run_tiled.py --dlpfc [--repeats 2]
+Result: benchmarks/results/run_tiled_<N>.json, run_dlpfc.json
 """
 
 from __future__ import annotations
@@ -27,15 +31,15 @@ from pathlib import Path
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
-from _common import RESULTS, write_result
+from _common import RESULTS, dlpfc_files, write_result
 from tiled import CACHE, tiled
 
 
-def one_run(n: int, out: Path, extra: list[str]) -> dict:
-    path = CACHE / f"tiled_{n}.h5ad"
-    cmd = ["/usr/bin/time", "-v", "spamask-integrate", "-q", "run", str(path),
-           "--slice-column", "slice", "--label-key", "layer", "--n-domains", "7",
-           "-o", str(out), "--overwrite", *extra]
+def one_run(n: int | None, out: Path, extra: list[str]) -> dict:
+    inputs = [str(f) for f in dlpfc_files()] if n is None else \
+        [str(CACHE / f"tiled_{n}.h5ad"), "--slice-column", "slice"]
+    cmd = ["/usr/bin/time", "-v", "spamask-integrate", "-q", "run", *inputs,
+           "--label-key", "layer", "--n-domains", "7", "-o", str(out), "--overwrite", *extra]
     tic = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - tic
@@ -59,19 +63,23 @@ def one_run(n: int, out: Path, extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--spots", type=int, required=True)
+    parser.add_argument("--spots", type=int, default=None)
+    parser.add_argument("--dlpfc", action="store_true", help="the four DLPFC slices themselves")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--add", action="store_true", help="keep the runs already measured")
     parser.add_argument("--out", default="/tmp/run_tiled")
     args = parser.parse_args()
-    tiled(args.spots)  # build and cache the data outside the timed runs
-    name = f"run_tiled_{args.spots}"
+    if args.dlpfc == (args.spots is not None):
+        parser.error("give --spots N or --dlpfc")
+    if args.spots is not None:
+        tiled(args.spots)  # build and cache the data outside the timed runs
+    name = "run_dlpfc" if args.dlpfc else f"run_tiled_{args.spots}"
     old = json.loads((RESULTS / f"{name}.json").read_text()) if args.add and \
         (RESULTS / f"{name}.json").exists() else {"runs": []}
     runs = old["runs"]
     first_domains = None
     for i in range(args.repeats):
-        out = Path(f"{args.out}_{args.spots}_{len(runs)}")
+        out = Path(f"{args.out}_{args.spots or 'dlpfc'}_{len(runs)}")
         runs.append(one_run(args.spots, out, []))
         dom = pd.read_csv(out / "domains.csv", index_col=0).iloc[:, 0].astype(str)
         if first_domains is None:
@@ -85,7 +93,9 @@ def main() -> None:
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
     write_result(name, {
         "n_spots": runs[0]["n_spots"], "n_slices": runs[0]["n_slices"], "repeats": len(runs),
-        "settings": "defaults (CLI run with --slice-column, --label-key, --n-domains 7 only)",
+        "settings": "defaults (CLI run with " + ("the four files" if args.dlpfc else
+                                                 "--slice-column") +
+                    ", --label-key, --n-domains 7 only)",
         "seconds": seconds, "total_seconds": med("total_seconds"),
         "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
         "ari_mean_slice": med("ari_mean_slice"), "nmi_mean_slice": med("nmi_mean_slice"),
