@@ -21,11 +21,14 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ["kind", "scope", "embedding", "metric", "value"]
 # Seconds of scib-metrics for E embeddings scoring n spots: about C0 + E * B * n**2 on the
-# 2-core machine (benchmarks/scib_cost.py: 93 s at 4,000 spots and 211 s at 8,000 with 3
-# embeddings; C0 is mostly JAX compiling each metric for the sample's shapes, the quadratic
-# part kBET's diffusion maps and the silhouettes). scib_max_spots="auto" takes the largest
-# sample this model puts within SCIB_SECONDS, between SCIB_MIN_SPOTS and SCIB_MAX_SPOTS.
-SCIB_COST = (56.0, 8.1e-7)
+# 2-core machine (benchmarks/scib_cost.py, a fresh process per point, 3 embeddings: 60 s at
+# 2,000 spots and 89 s at 4,000 on 4 slices; 62 s and 92 s on 352 slices of 10^6 spots). C0
+# is paid once per process: importing umap and pynndescent (~15 s), numba compiling umap's
+# fuzzy graph, JAX compiling each metric for the sample's shapes; the quadratic part is the
+# silhouettes' pairwise distances and kBET's diffusion maps. scib_max_spots="auto" takes the
+# largest sample this model puts within SCIB_SECONDS, between SCIB_MIN_SPOTS and
+# SCIB_MAX_SPOTS.
+SCIB_COST = (52.0, 8.1e-7)
 SCIB_SECONDS = 100.0
 SCIB_MIN_SPOTS = 2_000
 SCIB_MAX_SPOTS = 20_000
