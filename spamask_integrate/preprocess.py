@@ -10,6 +10,7 @@ import logging
 
 import anndata as ad
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 
 from .config import Keys
@@ -223,8 +224,11 @@ def _gram_pca(scaled, n: int, g: int, ind: sp.csr_matrix, shift: np.ndarray,
         # largest entry), summed over chunks in float64
         z = (scaled(lo, lo + chunk).toarray() - ind[lo:lo + chunk] @ shift).astype(np.float32)
         gram += z.T @ z
-    values, vectors = np.linalg.eigh(gram)
-    order = np.argsort(values)[::-1][:n_comps]
+    # only the top n_comps eigenpairs (LAPACK's MRRR driver on the subset): the full
+    # decomposition of a 5,000 x 5,000 Gram matrix costs several times as much
+    values, vectors = scipy.linalg.eigh(gram, subset_by_index=[g - n_comps, g - 1],
+                                        driver="evr", check_finite=False)
+    order = np.argsort(values)[::-1]
     vectors = vectors[:, order]
     signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(n_comps)])
     signs[signs == 0] = 1
