@@ -163,3 +163,29 @@ def test_many_slices_draw_a_bounded_number_of_panels():
     fig = domain_maps(a, "domain", "slice", "ground_truth", max_slices=6)
     drawn = [ax for ax in fig.axes if ax.get_title()]
     assert len(drawn) == 12  # 6 slices x (domains, truth)
+
+
+def test_umap_figure_uses_an_exact_neighbour_search(monkeypatch):
+    """Above 4,096 points umap-learn would build a pynndescent index (a numba compile of
+    about 30 s per process); the report's UMAP gives it exact neighbours instead."""
+    import numpy as np
+    import umap.umap_ as umap_module
+
+    from spamask_integrate import plot
+
+    class NoIndex:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("pynndescent was called")
+
+    monkeypatch.setattr(umap_module, "NNDescent", NoIndex)
+    rng = np.random.default_rng(0)
+    n = 4_200
+    x = rng.normal(size=(n, 8)) + np.repeat(np.eye(8)[:3] * 6, n // 3, axis=0)
+    ind, dist = plot._exact_knn(x.astype(np.float32), 15)
+    assert ind.shape == (n, 15) and (ind[:, 0] == np.arange(n)).all()
+    assert (np.diff(dist, axis=1) >= 0).all()
+    a = si.datasets.synthetic_slices(2, n // 2, 20, 3, seed=0)
+    a.obsm["X_emb"] = x
+    a.obs["domain"] = pd.Categorical(np.repeat(["a", "b", "c"], n // 3))
+    fig = plot.umap(a, "X_emb", ("domain", "slice"))
+    assert len(fig.axes) == 2
