@@ -83,11 +83,16 @@ def run_table(folder: Path) -> None:
 
 
 def tiled_table(folder: Path) -> None:
-    """The default CLI run on tiled DLPFC data (run_tiled_*.json): medians over repeats."""
+    """The default CLI run on the four DLPFC slices (run_dlpfc.json) and on tiled DLPFC data
+    (run_tiled_*.json): medians over repeats."""
     runs = sorted((json.loads(p.read_text()) for p in folder.glob("run_tiled_*.json")),
                   key=lambda r: r["n_spots"])
+    names = [f"{r['n_spots']:,} tiled ({r['n_slices']} slices)" for r in runs]
+    if (folder / "run_dlpfc.json").exists():
+        runs.insert(0, json.loads((folder / "run_dlpfc.json").read_text()))
+        names.insert(0, "4 DLPFC slices (11,380)")
     stages = list(dict.fromkeys(s for r in runs for s in r["seconds"]))
-    print("| | " + " | ".join(f"{r['n_spots']:,} ({r['n_slices']} slices)" for r in runs) + " |")
+    print("| | " + " | ".join(names) + " |")
     print("| --- |" + " ---: |" * len(runs))
     for stage in stages:
         print(f"| {stage} | " + " | ".join(f"{r['seconds'].get(stage, float('nan')):.0f}"
