@@ -326,9 +326,5 @@ def stratified_sample(codes: np.ndarray, max_spots: int, seed: int) -> np.ndarra
 
 
 def _sklearn_neighbors(x: np.ndarray, k: int):
-    from scib_metrics.nearest_neighbors import NeighborsResults
-    from sklearn.neighbors import NearestNeighbors
-
-    k = min(k, len(x) - 1)
-    dist, idx = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)
-    return NeighborsResults(indices=idx, distances=dist)
+    """The Benchmarker's neighbour graph: exact, at most every other spot."""
+    return _exact_neighbours(x, min(k, len(x) - 1))
