@@ -7,15 +7,20 @@ randomized PCA on the sparse normalised counts, so memory stays O(nnz + n_spots 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.linalg
 import scipy.sparse as sp
 
 from .config import Keys
 from .errors import ConfigError, InputError
 from .utils import record, require_obs
+
+if TYPE_CHECKING:
+    from .shard import Collective
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ def preprocess(
     seed: int = 42,
     key_added: str = Keys.PCA,
     copy: bool = False,
+    comm: Collective | None = None,
 ) -> ad.AnnData | None:
     """Select HVGs across slices, normalise and compute the model input.
 
@@ -61,6 +67,11 @@ def preprocess(
         PCA dimensions; ``None`` puts the sparse normalised HVG matrix in ``obsm["X_hvg"]``.
     scale_per_batch
         z-score each slice on its own (as the reference) instead of all spots together.
+    comm
+        In a slice-sharded run (:mod:`spamask_integrate.shard`), the ranks' collective: this
+        process holds only some slices (``obs[batch_key]`` keeps every slice as a category) and
+        the gene counts, per-slice HVG variances, z-score sums and the Gram matrix are summed
+        across ranks, so every rank gets the genes and components a single process would.
 
     Reads ``X`` or ``layers["counts"]`` (raw counts), ``obs[batch_key]``.
     Writes ``layers["counts"]``, ``X`` (log1p of counts per 10,000), ``uns["log1p"]``,
@@ -78,17 +89,18 @@ def preprocess(
     adata.layers[Keys.COUNTS] = counts
     adata.X = counts.copy()
 
-    keep = _gene_filter(counts, min_cells, min_counts)
+    keep = _gene_filter(counts, min_cells, min_counts, comm)
     if keep.sum() == 0:
         raise InputError(f"no gene passes min_cells={min_cells} and min_counts={min_counts}; "
                          "lower them")
     if keep.sum() < adata.n_vars:
         logger.info("gene filter: %d of %d genes kept", keep.sum(), adata.n_vars)
         adata._inplace_subset_var(keep)
-    hvg = _select_hvgs(adata, batch_key, n_top_genes)
+    hvg = _select_hvgs(adata, batch_key, n_top_genes, comm)
 
     totals = _totals(adata.X)
-    xh = _normalise(adata.X[:, hvg].tocsr(), totals, target_sum, log1p)
+    xh = _normalise(adata.X if hvg.all() else adata.X[:, hvg].tocsr(), totals, target_sum,
+                    log1p)  # (no column copy when every gene is kept)
     adata.X = _normalise(adata.X, totals, X_TARGET_SUM, True)
     adata.uns["log1p"] = {}  # natural log, as sc.pp.log1p records it (no "base")
     params = {
@@ -101,9 +113,11 @@ def preprocess(
         adata.obsm["X_hvg"] = xh.astype(np.float32)
         params.update(n_comps=0, input_key="X_hvg")
     else:
-        n_comps = min(n_comps, xh.shape[1] - 1, adata.n_obs - 1)
+        n_comps = min(n_comps, xh.shape[1] - 1, _total(comm, adata.n_obs) - 1)
         codes = adata.obs[batch_key].cat.codes.to_numpy() if scale_per_batch else None
-        scores, var_ratio = _scaled_pca(xh, codes, n_comps, scale=scale, seed=seed)
+        n_groups = len(adata.obs[batch_key].cat.categories) if scale_per_batch else 1
+        scores, var_ratio = _scaled_pca(xh, codes, n_comps, scale=scale, seed=seed,
+                                        n_groups=n_groups, comm=comm)
         adata.obsm[key_added] = scores
         adata.uns.setdefault("pca", {})["variance_ratio"] = var_ratio
         params.update(n_comps=int(n_comps), input_key=key_added)
@@ -113,25 +127,90 @@ def preprocess(
     return adata if copy else None
 
 
-def _gene_filter(counts: sp.csr_matrix, min_cells: int, min_counts: int) -> np.ndarray:
-    n_cells = np.bincount(counts.indices[counts.data != 0], minlength=counts.shape[1]) \
-        if counts.has_canonical_format else np.diff(counts.tocsc().indptr)
-    totals = np.asarray(counts.sum(axis=0)).ravel()
+def _sum(comm: Collective | None, a: np.ndarray) -> np.ndarray:
+    """``a`` summed over the ranks of a sharded run (``a`` itself in one process)."""
+    return np.asarray(a) if comm is None else comm.sum(a)
+
+
+def _total(comm: Collective | None, value: int) -> int:
+    return int(value) if comm is None else int(comm.sum(np.asarray([value]))[0])
+
+
+def _gene_filter(counts: sp.csr_matrix, min_cells: int, min_counts: int,
+                 comm: Collective | None = None) -> np.ndarray:
+    if not counts.has_canonical_format:  # duplicate entries would count a spot twice
+        counts = counts.copy()
+        counts.sum_duplicates()
+    totals, _, n_cells = _column_moments(counts)
+    n_cells, totals = _sum(comm, n_cells), _sum(comm, totals)
     return (n_cells >= min_cells) & (totals >= min_counts)
 
 
-def _select_hvgs(adata: ad.AnnData, batch_key: str, n_top_genes: int | None) -> np.ndarray:
+def _select_hvgs(adata: ad.AnnData, batch_key: str, n_top_genes: int | None,
+                 comm: Collective | None = None) -> np.ndarray:
+    """seurat_v3 HVGs with the slices as batches, as ``sc.pp.highly_variable_genes`` chooses them.
+
+    scanpy's batch mode fits each batch on its own (means, variances, the loess of log variance
+    on log mean, clipped standardised variances) and then ranks genes by their median rank over
+    the batches, ties broken by the number of batches in which a gene is highly variable. Here
+    each slice is fitted by scanpy on its own and the ranks are combined the same way, so that a
+    sharded run, whose ranks hold different slices, combines the per-slice variances (summed
+    across ranks) into the same genes; ``tests/test_preprocess.py`` checks the equality.
+    """
     if n_top_genes is None or n_top_genes >= adata.n_vars:
         adata.var["highly_variable"] = True
         return np.ones(adata.n_vars, dtype=bool)
     import scanpy as sc
 
-    try:
-        sc.pp.highly_variable_genes(adata, layer=Keys.COUNTS, flavor="seurat_v3",
-                                    n_top_genes=n_top_genes, batch_key=batch_key, subset=False)
-    except Exception as exc:  # skmisc loess failures on degenerate slices
-        raise InputError(f"seurat_v3 HVG selection failed across obs[{batch_key!r}]: {exc}") from exc
-    return adata.var["highly_variable"].to_numpy(dtype=bool)
+    names = list(adata.obs[batch_key].cat.categories)
+    codes = adata.obs[batch_key].cat.codes.to_numpy()
+    norm = np.zeros((len(names), adata.n_vars))
+    present = np.zeros(len(names))
+    for code in np.unique(codes):
+        part = adata[codes == code]
+        try:
+            df = sc.pp.highly_variable_genes(part, layer=Keys.COUNTS, flavor="seurat_v3",
+                                             n_top_genes=n_top_genes, inplace=False)
+        except Exception as exc:  # skmisc loess failures on degenerate slices
+            raise InputError(f"seurat_v3 HVG selection failed on slice {names[code]!r} of "
+                             f"obs[{batch_key!r}]: {exc}") from exc
+        norm[code] = df["variances_norm"].to_numpy(dtype=np.float64)
+        present[code] = 1
+    norm, present = _sum(comm, norm), _sum(comm, present)
+    norm = norm[present > 0]
+    ranks = np.argsort(np.argsort(-norm, axis=1), axis=1).astype(np.float32)
+    n_batches = (ranks < n_top_genes).sum(axis=0)
+    ranks[ranks >= n_top_genes] = np.nan
+    median = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
+    n = _total(comm, adata.n_obs)
+    total, sq = (_sum(comm, a) for a in _column_moments(adata.layers[Keys.COUNTS])[:2])
+    mean = total / n
+    df = pd.DataFrame({"means": mean, "variances": (sq - n * mean**2) / max(n - 1, 1),
+                       "highly_variable_rank": median, "highly_variable_nbatches": n_batches,
+                       "variances_norm": norm.mean(axis=0)}, index=adata.var_names)
+    order = df.sort_values(["highly_variable_rank", "highly_variable_nbatches"],
+                           ascending=[True, False], na_position="last").index
+    df["highly_variable"] = False
+    df.loc[order[:int(n_top_genes)], "highly_variable"] = True
+    for column in df.columns:
+        adata.var[column] = df[column].to_numpy()
+    adata.uns["hvg"] = {"flavor": "seurat_v3"}
+    return df["highly_variable"].to_numpy(dtype=bool)
+
+
+def _column_moments(x: sp.csr_matrix, chunk: int = 100_000) -> tuple[np.ndarray, ...]:
+    """Column sums, sums of squares and non-zero counts (float64), a block of rows at a time:
+    the blocks share x's index arrays, so nothing of the size of x is copied."""
+    out = np.zeros((3, x.shape[1]))
+    ptr = x.indptr
+    for lo in range(0, x.shape[0], chunk):
+        hi = min(lo + chunk, x.shape[0])
+        a, b = int(ptr[lo]), int(ptr[hi])
+        values = x.data[a:b].astype(np.float64)
+        for i, v in enumerate((values, values * values, (values != 0).astype(np.float64))):
+            block = sp.csr_matrix((v, x.indices[a:b], ptr[lo:hi + 1] - a), shape=(hi - lo, x.shape[1]))
+            out[i] += np.asarray(block.sum(axis=0)).ravel()
+    return out[0], out[1], out[2]
 
 
 def _totals(counts: sp.csr_matrix) -> np.ndarray:
@@ -150,8 +229,9 @@ def _normalise(counts: sp.csr_matrix, totals: np.ndarray, target_sum: float,
 
 
 def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, scale: bool,
-                seed: int, n_oversamples: int = 20, n_iter: int = 6,
-                chunk: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
+                seed: int, n_oversamples: int = 20, n_iter: int = 6, chunk: int = 20_000,
+                n_groups: int | None = None,
+                comm: Collective | None = None) -> tuple[np.ndarray, np.ndarray]:
     """PCA of the z-scored ``x`` (per group of ``codes``) without forming the dense matrix.
 
     z = x * inv_sd[group] - mean[group] * inv_sd[group]. Up to ``_GRAM_MAX_GENES`` genes the
@@ -160,12 +240,16 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
     al.). Memory beyond ``x`` stays at a few dense chunks (chunk x genes) and, above
     ``_GRAM_MAX_GENES`` genes, one float64 copy of ``x``: nothing grows with the non-zeros
     times a 64-bit index.
+
+    With ``comm`` (a sharded run) the group sums and the Gram matrix are summed across ranks
+    and the eigenvectors taken from rank 0, so each rank projects its own spots onto the
+    components of all spots; the randomized path is single-process only.
     """
     n, g = x.shape
     codes = np.zeros(n, dtype=np.int64) if codes is None else np.asarray(codes, dtype=np.int64)
-    n_groups = int(codes.max()) + 1
+    n_groups = n_groups or (int(codes.max()) + 1 if n else 1)
     ind = sp.csr_matrix((np.ones(n), (np.arange(n), codes)), shape=(n, n_groups))
-    sizes = np.asarray(ind.sum(axis=0)).ravel()
+    sizes = _sum(comm, np.asarray(ind.sum(axis=0)).ravel())
     sizes[sizes == 0] = 1
     total = np.zeros((n_groups, g))
     sq = np.zeros((n_groups, g))
@@ -173,6 +257,7 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
         part, group = x[lo:lo + chunk].astype(np.float64), ind[lo:lo + chunk].T
         total += (group @ part).toarray()
         sq += (group @ part.multiply(part)).toarray()
+    total, sq = _sum(comm, total), _sum(comm, sq)
     mean = total / sizes[:, None]
     var = np.maximum(sq / sizes[:, None] - mean**2, 0) * (sizes / np.maximum(sizes - 1, 1))[:, None]
     inv_sd = np.ones_like(var)
@@ -188,7 +273,10 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
         return part
 
     if g <= _GRAM_MAX_GENES:
-        return _gram_pca(scaled, n, g, ind, shift, n_comps, chunk)
+        return _gram_pca(scaled, n, g, ind, shift, n_comps, chunk, comm)
+    if comm is not None:
+        raise ConfigError(f"{g} HVGs: a sharded run computes the exact PCA, up to "
+                          f"{_GRAM_MAX_GENES} genes; lower n_top_genes")
     xs = sp.vstack([scaled(lo, lo + chunk) for lo in range(0, n, chunk)], format="csr")
 
     def matmul(m: np.ndarray) -> np.ndarray:  # z @ m
@@ -215,7 +303,8 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
 
 
 def _gram_pca(scaled, n: int, g: int, ind: sp.csr_matrix, shift: np.ndarray,
-              n_comps: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+              n_comps: int, chunk: int,
+              comm: Collective | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact PCA of the implicit z matrix through its g x g Gram matrix, built chunk-wise
     (``scaled(lo, hi)`` gives the scaled sparse rows lo:hi)."""
     gram = np.zeros((g, g))
@@ -224,10 +313,13 @@ def _gram_pca(scaled, n: int, g: int, ind: sp.csr_matrix, shift: np.ndarray,
         # largest entry), summed over chunks in float64
         z = (scaled(lo, lo + chunk).toarray() - ind[lo:lo + chunk] @ shift).astype(np.float32)
         gram += z.T @ z
+    gram = _sum(comm, gram)
     # only the top n_comps eigenpairs (LAPACK's MRRR driver on the subset): the full
     # decomposition of a 5,000 x 5,000 Gram matrix costs several times as much
     values, vectors = scipy.linalg.eigh(gram, subset_by_index=[g - n_comps, g - 1],
                                         driver="evr", check_finite=False)
+    if comm is not None:  # one set of components for every rank, whatever its LAPACK does
+        values, vectors = comm.broadcast(values), comm.broadcast(vectors)
     order = np.argsort(values)[::-1]
     vectors = vectors[:, order]
     signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(n_comps)])
