@@ -11,7 +11,7 @@ import glob
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +175,9 @@ def _source_from_row(row: Any, *, base: Path, where: str) -> SliceSource:
 
 
 # ---------------------------------------------------------------------------- readers
-def _read_one(src: SliceSource) -> ad.AnnData:
+def _read_one(src: SliceSource, rows: tuple[str, Collection[str]] | None = None) -> ad.AnnData:
+    """One source file; with ``rows = (column, values)`` only the spots whose ``obs[column]``
+    is one of ``values`` (an h5ad is then read in backed mode, loading only those rows)."""
     path = src.path
     if not path.exists():
         raise InputError(f"{path}: file not found (slice {src.name!r})")
@@ -183,7 +185,7 @@ def _read_one(src: SliceSource) -> ad.AnnData:
         if path.is_dir():
             adata = _read_visium_dir(path)
         elif path.name.lower().endswith(".h5ad"):
-            adata = ad.read_h5ad(path)
+            adata = ad.read_h5ad(path) if rows is None else _read_h5ad_rows(path, *rows)
             if Keys.COUNTS in adata.layers:
                 adata.X = adata.layers[Keys.COUNTS]
         elif path.suffix.lower() == ".h5":
@@ -209,6 +211,53 @@ def _read_one(src: SliceSource) -> ad.AnnData:
         if guess is not None:
             _attach_coordinates(adata, guess)
     return adata
+
+
+def _read_h5ad_rows(path: Path, column: str, values: Collection[str]) -> ad.AnnData:
+    """The spots of an h5ad whose ``obs[column]`` is in ``values``, reading from the file only
+    their rows of the counts (``layers["counts"]`` if present, else ``X``), ``obs``, ``var`` and
+    ``obsm["spatial"]``: a rank of a sharded run holds its share of an atlas, not the atlas."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        obs = read_elem(f["obs"])
+        slices = slice_categories(obs, column, str(path))
+        keep = np.flatnonzero(np.isin(np.asarray(slices.astype(str)), list(values)))
+        x_elem = f["layers"][Keys.COUNTS] if "layers" in f and Keys.COUNTS in f["layers"] \
+            else f["X"]
+        adata = ad.AnnData(_rows_of(x_elem, keep), obs=obs.iloc[keep].copy(),
+                           var=read_elem(f["var"]))
+        if "obsm" in f and Keys.SPATIAL in f["obsm"]:
+            adata.obsm[Keys.SPATIAL] = np.asarray(read_elem(f["obsm"][Keys.SPATIAL]))[keep]
+    return adata
+
+
+def _rows_of(elem, rows: np.ndarray):
+    """Rows ``rows`` (sorted) of a stored matrix, read as runs of consecutive rows."""
+    import h5py
+
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
+    if isinstance(elem, h5py.Dataset):  # dense
+        return np.concatenate([elem[r[0]:r[-1] + 1] for r in runs]) if runs else \
+            np.zeros((0, elem.shape[1]), dtype=elem.dtype)
+    encoding = elem.attrs.get("encoding-type", "")
+    shape = tuple(elem.attrs["shape"])
+    if encoding != "csr_matrix":  # CSC: column-major, whole matrix then rows
+        from anndata.io import read_elem
+
+        return sp.csr_matrix(read_elem(elem))[rows]
+    indptr = elem["indptr"][:]
+    data, indices, ptr = [], [], [np.zeros(1, dtype=np.int64)]
+    for r in runs:
+        lo, hi = int(indptr[r[0]]), int(indptr[r[-1] + 1])
+        data.append(elem["data"][lo:hi])
+        indices.append(elem["indices"][lo:hi])
+        ptr.append(indptr[r[0] + 1:r[-1] + 2].astype(np.int64) - lo + ptr[-1][-1])
+    if not runs:
+        return sp.csr_matrix((0, shape[1]), dtype=elem["data"].dtype)
+    return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(ptr)),
+                         shape=(rows.size, shape[1]))
 
 
 def _guess_coordinates(path: Path) -> Path | None:
@@ -315,6 +364,7 @@ def read_slices(
     slice_column: str | None = None,
     join: str = "inner",
     min_spots: int = 7,
+    select: Collection[str] | None = None,
 ) -> ad.AnnData:
     """Read one or several slices into one AnnData.
 
@@ -340,6 +390,9 @@ def read_slices(
         ``"inner"`` keeps the genes shared by all slices; ``"outer"`` keeps all, zero-filled.
     min_spots
         Slices with fewer spots raise (the neighbour graph needs ``k + 1`` spots).
+    select
+        Read only the slices of these names (a rank of a sharded run): other files are not
+        opened, and of a file split by a slice column only the selected rows are loaded.
 
     Returns
     -------
@@ -354,11 +407,15 @@ def read_slices(
     srcs: list[SliceSource] = []
     slices = []
     for file in files:
-        adata = _read_one(file)
         column = file.slice_column or slice_column
+        if select is not None and not column and file.name not in select:
+            continue
+        adata = _read_one(file, rows=(column, select) if column and select is not None else None)
         parts = _split_by_column(adata, file, column) if column else [(file, adata)]
         del adata
         for src, part in parts:
+            if select is not None and src.name not in select:
+                continue
             _validate_slice(part, src, min_spots=min_spots, label_key=label_key)
             srcs.append(src)
             slices.append(_normalise_slice(part, src, batch_key=batch_key, out_label=out_label,
