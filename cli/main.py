@@ -24,6 +24,7 @@ Examples:
   spamask-integrate run --manifest slices.yaml -o out --n-domains auto --cluster leiden
   spamask-integrate run atlas.h5ad --slice-column sample -o out --n-domains 12
   spamask-integrate run a.h5ad b.h5ad -o out --minibatch --sampler neighbor --fanouts 10,10
+  spamask-integrate run --manifest atlas.yaml -o out --nproc 4 --shard-slices
 """
 
 
@@ -224,12 +225,16 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
 @click.option("--master-addr", default="127.0.0.1", show_default=True,
               help="Address of node 0 for several machines.")
 @click.option("--master-port", type=int, default=None, help="Port on node 0 [a free one].")
+@click.option("--shard-slices", is_flag=True,
+              help="Each of the --nproc x --nnodes ranks reads, preprocesses and trains on "
+                   "only its share of the slices (atlases larger than one machine).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in OUT.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epochs, sampler,
         batch_size, fanouts, device, seed, n_domains, no_scib, no_report, checkpoint_every, resume, nproc,
-        nnodes, node_rank, master_addr, master_port, overwrite, **options) -> None:
+        nnodes, node_rank, master_addr, master_port, shard_slices, overwrite,
+        **options) -> None:
     """Run the whole pipeline on SOURCES (.h5ad files, Visium folders, ...) into OUT.
 
     Writes integrated.h5ad, domains.csv, metrics.csv/.json, PNG figures, run.json and
@@ -265,8 +270,9 @@ def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epo
     tic = time.perf_counter()
     if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise ConfigError("--nproc and --nnodes must be >= 1 and 0 <= --node-rank < --nnodes")
-    if (nnodes > 1 or nproc > 1) and mode == "full":
-        raise ConfigError("--nproc/--nnodes train with minibatches; drop --full-graph")
+    if (nnodes > 1 or nproc > 1) and mode == "full" and not shard_slices:
+        raise ConfigError("--nproc/--nnodes train with minibatches; drop --full-graph "
+                          "(or shard the slices with --shard-slices)")
     checkpoint = out / "checkpoint.pt" if (checkpoint_every or resume) else None
     if checkpoint is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +280,7 @@ def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epo
                    preprocess_kwargs=cfg.get("preprocess"), checkpoint=checkpoint,
                    checkpoint_every=checkpoint_every, resume=resume, nproc=nproc,
                    nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                   master_port=master_port, **params)
+                   master_port=master_port, shard_slices=shard_slices, **params)
     if node_rank > 0:
         click.echo(f"node {node_rank}: training done; node 0 writes the results")
         return

@@ -1,4 +1,11 @@
-"""Data-parallel minibatch training with ``torch.distributed`` (DDP), launched by ``torchrun``.
+"""Data-parallel training with ``torch.distributed`` (DDP), launched by ``torchrun``.
+
+Two modes. Replicated (``run --nproc N``): one process reads and preprocesses everything and
+every rank trains minibatches on the whole graph (below). Slice-sharded (``run --nproc N
+--shard-slices``, :func:`shard_worker`): each rank reads, preprocesses, trains on and embeds
+only its own slices (see :mod:`spamask_integrate.shard`), so no process holds the atlas.
+
+Replicated mode:
 
 Every rank holds the graph and the features; DGL's ``DataLoader(use_ddp=True)`` gives each rank
 a disjoint share of the epoch's seed nodes; gradients are averaged by
@@ -21,13 +28,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
+import numpy as np
 import torch
 
 from .config import Keys, SpamaskConfig
 from .errors import ResourceError
+
+if TYPE_CHECKING:
+    from .train import SpaMask
 
 
 def worker(input_path: str, output_path: str, config: SpamaskConfig, *,
@@ -114,6 +127,233 @@ def train_distributed(adata: ad.AnnData, batch_key: str, config: SpamaskConfig, 
         return SpaMask.load(model_path) if model_path.exists() else None
 
 
+# ---------------------------------------------------------------------------- sharded runs
+#: width of the gathered embeddings of a sharded run (the PCA Harmony and the caller use)
+SHARD_PCS = 30
+
+
+def shard_worker(spec: dict, output_path: str, config: SpamaskConfig) -> None:
+    """One rank of a slice-sharded run: read, preprocess, build the graph, train and embed only
+    this rank's slices; rank 0 gathers every rank's (n x 30) result and writes it.
+
+    ``spec`` holds the plan (``plan_shards``, as ``[path, name, ..., n_spots, rank]`` rows), the
+    read, preprocess and graph parameters, checkpointing and where to put the model.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .errors import SpamaskError
+    from .graph import build_graph
+    from .preprocess import preprocess
+    from .shard import Collective, read_shard
+    from .train import SpaMask, Trainer, _features, embed_and_record, seed_all, training_tiles
+
+    use_cuda = config.device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    comm = Collective()
+    rank, world = comm.rank, comm.world
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    stages: dict[str, dict[str, float]] = {}
+    clock = [time.perf_counter()]
+
+    def mark(stage: str) -> None:  # seconds of the stage and the peak RSS so far
+        now = time.perf_counter()
+        stages[stage] = {"seconds": round(now - clock[0], 3), "peak_rss_gb": _peak_rss_gb()}
+        clock[0] = now
+
+    batch_key, label_key = spec["batch_key"], spec["label_key"]
+    try:
+        plan = _plan_from_rows(spec["plan"])
+        adata = read_shard(plan, rank, comm, batch_key=batch_key, label_key=label_key,
+                           min_spots=spec["min_spots"])
+        mark("read")
+        preprocess(adata, batch_key=batch_key, seed=config.seed, comm=comm,
+                   **spec["preprocess"])
+        mark("preprocess")
+        graph = build_graph(adata, batch_key, **spec["graph"])
+        mark("graph")
+        n_total = int(comm.sum([adata.n_obs])[0])
+        minibatch = config.minibatch if config.minibatch is not None \
+            else n_total > config.minibatch_threshold
+        input_key = adata.uns[Keys.UNS]["preprocess"]["input_key"]
+        x = _features(adata, input_key)
+        tiles = training_tiles(adata, config, batch_key) if minibatch else None
+        seed_all(config.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+        model = SpaMask(config.replace(quiet=config.quiet or rank != 0), x.shape[1], input_key)
+        trainer = Trainer(model, graph, x, device, minibatch=bool(minibatch), rank=rank,
+                          world_size=world, tiles=tiles, sharded=True, n_total=n_total)
+        trainer.net = DistributedDataParallel(
+            trainer.module, device_ids=[local] if use_cuda else None)
+        checkpoint = spec.get("checkpoint")
+        if spec.get("resume") and checkpoint:
+            trainer.load_checkpoint(checkpoint)
+        tic = time.perf_counter()
+        trainer.fit(checkpoint, spec.get("checkpoint_every", 0))
+        mark("train")
+        embed_and_record(adata, model, graph, batch_key=batch_key, key_added=Keys.EMB,
+                         mode=f"{'subgraph' if minibatch else 'full-graph'}-sharded",
+                         device=device, train_seconds=time.perf_counter() - tic,
+                         processes=world, epochs=trainer.epochs)
+        emb = _shared_pca(adata.obsm[Keys.EMB], comm, SHARD_PCS)
+        mark("embed")
+        parts = comm.gather(_shard_payload(adata, emb, stages, rank == 0))
+        if rank == 0:
+            _write_gathered(parts, plan, output_path, batch_key)
+            model.save(spec["model_path"])
+        dist.barrier()
+    except SpamaskError as exc:  # the launcher re-raises the first rank's one-line message
+        Path(f"{spec['error_path']}.rank{rank}").write_text(
+            f"{exc.__class__.__name__}\t{exc}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
+
+
+def _plan_from_rows(rows: list[dict]):
+    from .io import SliceSource
+    from .shard import PlannedSlice
+
+    return [PlannedSlice(SliceSource(Path(r["path"]), r["name"],
+                                     Path(r["coordinates"]) if r["coordinates"] else None,
+                                     r["platform"], r["label_key"], r["slice_column"]),
+                         int(r["n_spots"]), int(r["rank"])) for r in rows]
+
+
+def _plan_rows(plan) -> list[dict]:
+    return [{"path": str(p.source.path), "name": p.source.name,
+             "coordinates": str(p.source.coordinates) if p.source.coordinates else None,
+             "platform": p.source.platform, "label_key": p.source.label_key,
+             "slice_column": p.source.slice_column, "n_spots": p.n_spots, "rank": p.rank}
+            for p in plan]
+
+
+def _shared_pca(x, comm, n_pcs: int):
+    """PCA of the rows of all ranks (exact, through the summed Gram matrix of the centred
+    columns); each rank gets the scores of its own rows, float32."""
+    import numpy as np
+    import scipy.linalg
+
+    x = np.asarray(x, dtype=np.float64)
+    d = x.shape[1]
+    if d <= n_pcs:
+        return x.astype(np.float32)
+    n = comm.sum([x.shape[0]])[0]
+    mean = comm.sum(x.sum(axis=0)) / max(n, 1)
+    centred = x - mean
+    gram = comm.sum(centred.T @ centred)
+    values, vectors = scipy.linalg.eigh(gram, subset_by_index=[d - n_pcs, d - 1])
+    vectors = comm.broadcast(vectors[:, ::-1].copy())
+    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(n_pcs)])
+    signs[signs == 0] = 1
+    return (centred @ (vectors * signs)).astype(np.float32)
+
+
+def _shard_payload(adata, emb, stages, with_var: bool) -> dict:
+    import scipy.sparse as sp
+
+    return {"obs": adata.obs, "spatial": np.asarray(adata.obsm[Keys.SPATIAL]),
+            "pca": np.ascontiguousarray(adata.obsm[Keys.PCA][:, :SHARD_PCS]), "emb": emb,
+            "adj": sp.csr_matrix(adata.obsp[Keys.CONNECTIVITIES]), "stages": stages,
+            "var": adata.var if with_var else None, "uns": adata.uns[Keys.UNS],
+            "slices": list(adata.uns[Keys.UNS]["read"]["shard_slices"])}
+
+
+def _write_gathered(parts: list[dict], plan, path: str, batch_key: str) -> None:
+    """Every rank's spots in the order a single process would hold them (plan order, then file
+    order), with the graph, the 30-d PCA and embedding, and the records of the run."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from .io import atomic_write
+    from .utils import h5ad_safe
+
+    obs = pd.concat([p["obs"] for p in parts])
+    names = [p.source.name for p in plan]
+    obs[batch_key] = pd.Categorical(obs[batch_key].astype(str), categories=names)
+    order = np.argsort(obs[batch_key].cat.codes.to_numpy(), kind="stable")
+    adj = sp.block_diag([p["adj"] for p in parts], format="csr")[order][:, order]
+    first = parts[0]["uns"]
+    adata = ad.AnnData(obs=obs.iloc[order].copy(), var=parts[0]["var"])
+    adata.obsm[Keys.SPATIAL] = np.concatenate([p["spatial"] for p in parts])[order]
+    adata.obsm[Keys.PCA] = np.concatenate([p["pca"] for p in parts])[order]
+    adata.obsm[Keys.EMB] = np.concatenate([p["emb"] for p in parts])[order]
+    adata.obsp[Keys.CONNECTIVITIES] = adj.tocsr()
+    graph = dict(first["graph"])
+    for key in ("k", "edges_per_slice"):
+        graph[key] = {k: v for p in parts for k, v in p["uns"]["graph"][key].items()}
+    graph["n_edges"] = int(adj.nnz)
+    read = {k: v for k, v in first["read"].items() if k not in ("shard_rank", "shard_slices")}
+    read["sources"] = sorted({str(p.source.path) for p in plan})
+    adata.uns[Keys.UNS] = {"read": read, "preprocess": first["preprocess"], "graph": graph,
+                           "train": first["train"]}
+    adata.uns[Keys.UNS]["shard"] = h5ad_safe({
+        "ranks": len(parts), "pcs": SHARD_PCS,
+        "slices": {str(r): p["slices"] for r, p in enumerate(parts)},
+        "spots": {str(r): int(len(p["obs"])) for r, p in enumerate(parts)},
+        "stages": {str(r): p["stages"] for r, p in enumerate(parts)},
+    })
+    with atomic_write(path) as tmp:
+        adata.write_h5ad(tmp)
+
+
+def run_sharded(sources, config: SpamaskConfig, *, nproc: int, nnodes: int = 1,
+                node_rank: int = 0, master_addr: str = "127.0.0.1",
+                master_port: int | None = None, batch_key: str = Keys.BATCH,
+                label_key: str | None = None, slice_column: str | None = None,
+                min_spots: int = 7, preprocess_kwargs: dict | None = None,
+                graph_kwargs: dict | None = None, checkpoint: str | Path | None = None,
+                checkpoint_every: int = 0, resume: bool = False,
+                workdir: str | Path | None = None) -> tuple[ad.AnnData | None, SpaMask | None]:
+    """Plan the shards, run ``nproc`` x ``nnodes`` ranks of :func:`shard_worker` through
+    torchrun, and return (on node 0) the gathered AnnData and the trained model.
+
+    This process reads only the sources' ``obs`` (for the plan); the ranks read the counts.
+    """
+    from .errors import ConfigError, InputError
+    from .shard import plan_shards
+    from .train import SpaMask
+
+    world = nproc * nnodes
+    plan = plan_shards(sources, world, slice_column=slice_column)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        spec = {"plan": _plan_rows(plan), "batch_key": batch_key, "label_key": label_key,
+                "min_spots": min_spots, "preprocess": preprocess_kwargs or {},
+                "graph": graph_kwargs or {}, "checkpoint": str(checkpoint) if checkpoint else None,
+                "checkpoint_every": checkpoint_every, "resume": resume,
+                "model_path": str(tmp / "model.pt"), "error_path": str(tmp / "error")}
+        (tmp / "spec.json").write_text(json.dumps(spec))
+        (tmp / "config.json").write_text(json.dumps(config.to_dict()))
+        gathered = tmp / "gathered.h5ad"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
+               f"--master_port={master_port or _free_port()}", "-m",
+               "spamask_integrate.distributed", "--shard-spec", str(tmp / "spec.json"),
+               "--output", str(gathered), "--config", str(tmp / "config.json")]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get(
+            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+        result = subprocess.run(cmd, env=env, check=False)
+        errors = sorted(tmp.glob("error.rank*"), key=lambda p: int(p.suffix[5:]))
+        if errors:
+            kind, _, message = errors[0].read_text().partition("\t")
+            error = {"InputError": InputError, "ConfigError": ConfigError}.get(kind, ResourceError)
+            raise error(f"{message} (rank {errors[0].suffix[5:]} of the sharded run)")
+        if result.returncode != 0:
+            raise ResourceError(f"sharded run failed (torchrun exit {result.returncode}): a rank "
+                                "died; its traceback is above"
+                                + ("; continue with --resume" if checkpoint else ""))
+        if not gathered.exists():
+            return None, None
+        return ad.read_h5ad(gathered), SpaMask.load(tmp / "model.pt")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -123,7 +363,8 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry of a worker (see the module docstring)."""
     parser = argparse.ArgumentParser(description="spamask-integrate data-parallel worker")
-    parser.add_argument("--input", required=True)
+    parser.add_argument("--input", default=None)
+    parser.add_argument("--shard-spec", default=None)
     parser.add_argument("--output", required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--batch-key", default=Keys.BATCH)
@@ -133,6 +374,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed-log", default=None)
     args = parser.parse_args(argv)
     config = SpamaskConfig.from_dict(json.loads(Path(args.config).read_text()))
+    if args.shard_spec:
+        shard_worker(json.loads(Path(args.shard_spec).read_text()), args.output, config)
+        return
     worker(args.input, args.output, config, batch_key=args.batch_key,
            checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
            resume=args.resume, seed_log_path=args.seed_log)

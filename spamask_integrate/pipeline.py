@@ -56,6 +56,7 @@ def run(
     node_rank: int = 0,
     master_addr: str = "127.0.0.1",
     master_port: int | None = None,
+    shard_slices: bool = False,
     **train_overrides: Any,
 ) -> ad.AnnData:
     """Read -> preprocess -> graph -> train -> integrate -> cluster -> evaluate -> write.
@@ -82,6 +83,12 @@ def run(
         Data-parallel minibatch training with ``nproc`` processes per node through torchrun
         (see :mod:`spamask_integrate.distributed`). Nodes other than 0 return after training,
         without embedding or writing.
+    shard_slices
+        A slice-sharded run (:mod:`spamask_integrate.shard`): the ``nproc`` x ``nnodes`` ranks
+        each read, preprocess, train on and embed only their share of the slices (balanced by
+        spot count); this process gathers their results (``obsm["X_pca"]`` and
+        ``obsm["X_spamask"]`` as 30-d PCAs, the graph, ``obs``; no counts) and goes on with
+        Harmony, the domains and the scores. For atlases larger than one machine's memory.
     train_overrides
         Fields of :class:`SpamaskConfig` (``epochs``, ``seed``, ``minibatch``, ``device``, ...);
         ``seed`` also seeds preprocessing, Harmony, clustering and scoring.
@@ -100,32 +107,30 @@ def run(
         yield
         timings[name] = round(time.perf_counter() - tic, 3)
 
-    with step("read"):
+    if shard_slices:
         if isinstance(sources, ad.AnnData):
-            adata = sources
-            if slice_column is not None:
-                adata.obs[batch_key] = slice_categories(adata.obs, slice_column,
-                                                        "the AnnData given")
-            if batch_key not in adata.obs:
-                raise ConfigError(f"obs[{batch_key!r}] not found in the AnnData given")
-        else:
-            adata = read_slices(sources, batch_key=batch_key, label_key=label_key,
-                                slice_column=slice_column, min_spots=(k or 6) + 1)
-    with step("preprocess"):
-        preprocess(adata, batch_key=batch_key, seed=seed, **(preprocess_kwargs or {}))
-    with step("graph"):
-        graph = build_graph(adata, batch_key, graph_method, k, radius, platform=platform)
-    with step("train"):
-        if nproc > 1 or nnodes > 1:
-            model = _train_parallel(adata, graph, batch_key, config, nproc, nnodes, node_rank,
-                                    master_addr, master_port, checkpoint, checkpoint_every,
-                                    resume)
-            if model is None:
-                logger.info("node %d: training done; node 0 writes the results", node_rank)
-                return adata
-        else:
-            train(adata, graph, batch_key, config, checkpoint=checkpoint,
-                  checkpoint_every=checkpoint_every, resume=resume)
+            raise ConfigError("shard_slices: a sharded run reads its slices from files; give "
+                              "paths or a manifest, not an AnnData")
+        adata = _run_sharded(sources, config, timings, batch_key=batch_key, label_key=label_key,
+                             slice_column=slice_column, k=k, graph_method=graph_method,
+                             radius=radius, platform=platform,
+                             preprocess_kwargs=preprocess_kwargs, nproc=nproc, nnodes=nnodes,
+                             node_rank=node_rank, master_addr=master_addr,
+                             master_port=master_port, checkpoint=checkpoint,
+                             checkpoint_every=checkpoint_every, resume=resume)
+        if adata is None:
+            logger.info("node %d: sharded run done; node 0 writes the results", node_rank)
+            return ad.AnnData()
+    else:
+        adata, done = _read_and_train(
+            sources, config, step, batch_key=batch_key, label_key=label_key,
+            slice_column=slice_column, k=k, graph_method=graph_method, radius=radius,
+            platform=platform, preprocess_kwargs=preprocess_kwargs, nproc=nproc, nnodes=nnodes,
+            node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+        if not done:
+            logger.info("node %d: training done; node 0 writes the results", node_rank)
+            return adata
     n_slices = adata.obs[batch_key].nunique()
     use_harmony = (n_slices > 1) if harmony is None else bool(harmony)
     if use_harmony:
@@ -139,7 +144,8 @@ def run(
         keys = [Keys.PCA, Keys.EMB] + ([Keys.EMB_HARMONY] if use_harmony else [])
         metrics = evaluate(adata, label_key, batch_key, keys if scib else None, scib=scib,
                            scib_max_spots=scib_max_spots, seed=seed)
-    params = {"nproc": nproc, "nnodes": nnodes, "batch_key": batch_key, "label_key": label_key or "",
+    params = {"nproc": nproc, "nnodes": nnodes, "shard_slices": shard_slices,
+              "batch_key": batch_key, "label_key": label_key or "",
               "slice_column": slice_column or "", "n_domains": n_domains or 0,
               "cluster_method": cluster_method, "harmony": use_harmony, "refine": refine,
               "n_starts": n_starts, "spatial_prior": spatial_prior,
@@ -153,6 +159,63 @@ def run(
                           seed=seed, report=report)
         adata.uns[Keys.UNS]["run"]["seconds"] = timings
     logger.info("run finished: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return adata
+
+
+def _read_and_train(sources, config, step, *, batch_key, label_key, slice_column, k,
+                    graph_method, radius, platform, preprocess_kwargs, nproc, nnodes, node_rank,
+                    master_addr, master_port, checkpoint, checkpoint_every, resume):
+    """Read, preprocess, build the graph and train in this process (training itself possibly
+    data-parallel); ``(adata, False)`` on a node other than 0, which holds no model."""
+    with step("read"):
+        if isinstance(sources, ad.AnnData):
+            adata = sources
+            if slice_column is not None:
+                adata.obs[batch_key] = slice_categories(adata.obs, slice_column,
+                                                        "the AnnData given")
+            if batch_key not in adata.obs:
+                raise ConfigError(f"obs[{batch_key!r}] not found in the AnnData given")
+        else:
+            adata = read_slices(sources, batch_key=batch_key, label_key=label_key,
+                                slice_column=slice_column, min_spots=(k or 6) + 1)
+    with step("preprocess"):
+        preprocess(adata, batch_key=batch_key, seed=config.seed, **(preprocess_kwargs or {}))
+    with step("graph"):
+        graph = build_graph(adata, batch_key, graph_method, k, radius, platform=platform)
+    with step("train"):
+        if nproc > 1 or nnodes > 1:
+            model = _train_parallel(adata, graph, batch_key, config, nproc, nnodes, node_rank,
+                                    master_addr, master_port, checkpoint, checkpoint_every,
+                                    resume)
+            if model is None:
+                return adata, False
+        else:
+            train(adata, graph, batch_key, config, checkpoint=checkpoint,
+                  checkpoint_every=checkpoint_every, resume=resume)
+    return adata, True
+
+
+def _run_sharded(sources, config, timings, *, batch_key, label_key, slice_column, k,
+                 graph_method, radius, platform, preprocess_kwargs, nproc, nnodes, node_rank,
+                 master_addr, master_port, checkpoint, checkpoint_every, resume):
+    """The ranks' part of a sharded run; their slowest rank's seconds per stage go into
+    ``timings``. ``None`` on a node other than 0."""
+    from .distributed import run_sharded
+
+    tic = time.perf_counter()
+    adata, _ = run_sharded(
+        sources, config, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+        master_addr=master_addr, master_port=master_port, batch_key=batch_key,
+        label_key=label_key, slice_column=slice_column, min_spots=(k or 6) + 1,
+        preprocess_kwargs=preprocess_kwargs,
+        graph_kwargs={"method": graph_method, "k": k, "radius": radius, "platform": platform},
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    if adata is None:
+        return None
+    stages = adata.uns[Keys.UNS]["shard"]["stages"]
+    for stage in ("read", "preprocess", "graph", "train", "embed"):
+        timings[stage] = max(float(per_rank[stage]["seconds"]) for per_rank in stages.values())
+    timings["sharded_total"] = round(time.perf_counter() - tic, 3)
     return adata
 
 

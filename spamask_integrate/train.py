@@ -301,7 +301,8 @@ class Trainer:
 
     def __init__(self, model: SpaMask, graph, x: np.ndarray, device: torch.device, *,
                  minibatch: bool, rank: int = 0, world_size: int = 1,
-                 tiles: np.ndarray | None = None):
+                 tiles: np.ndarray | None = None, sharded: bool = False,
+                 n_total: int | None = None):
         self.model, self.config = model, model.config
         self.device, self.minibatch, self.rank = device, minibatch, rank
         self.world_size = world_size
@@ -315,7 +316,13 @@ class Trainer:
         self.masker = EdgeMasker(self.graph, self.config.edge_mask, self.config.edge_drop_rate)
         self.negatives = NegativeSampler(self.graph, self.graph.ndata["slice"])
         self.start_epoch = 0
-        self.epochs = training_epochs(self.config, graph.num_nodes(), minibatch)
+        # sharded (slice-sharded runs): the graph is this rank's own slices, ``n_total`` the
+        # spots of all ranks; the budget follows the whole atlas, as in one process
+        self.sharded = sharded
+        if sharded and minibatch and self.config.sampler != "subgraph":
+            raise ConfigError("a sharded run trains on the full graph or on tile subgraphs, "
+                              "not with neighbour sampling; drop --sampler neighbor")
+        self.epochs = training_epochs(self.config, n_total or graph.num_nodes(), minibatch)
         self.tiles = None if tiles is None else torch.from_numpy(np.asarray(tiles, np.int64))
         self.subgraphs = None
         if minibatch and self.config.sampler == "subgraph":
@@ -445,13 +452,21 @@ class Trainer:
         in full-graph training; a step scores the masked spots and hidden edges of its core and
         draws negatives among its core spots of the same slice. With data-parallel ranks the
         number of groups is a multiple of world_size and each rank takes every world_size-th.
+        Sharded, each rank draws groups of its own graph and all ranks take as many steps as
+        the rank with the most groups (the others start their groups over), so no rank waits
+        for a gradient that never comes.
         """
         c, x = self.config, self.x
         masked, kept, pos, ptr = self._epoch_masks()
         kept_deg = kept.in_degrees()
         gen = torch.Generator().manual_seed(epoch_seed(c.seed, epoch, rank=-1))
-        groups = self.subgraphs.groups(gen, multiple_of=self.world_size)
-        if self.world_size > 1:  # equal steps on every rank (padded when tiles are too few)
+        groups = self.subgraphs.groups(gen, multiple_of=1 if self.sharded else self.world_size)
+        if self.sharded and self.world_size > 1:
+            from .shard import Collective
+
+            steps = Collective().max(len(groups))
+            groups = [groups[i % len(groups)] for i in range(steps)]
+        elif self.world_size > 1:  # equal steps on every rank (padded when tiles are too few)
             steps = -(-len(groups) // self.world_size)
             groups = [groups[(i * self.world_size + self.rank) % len(groups)]
                       for i in range(steps)]
