@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
-from _common import dlpfc_files, write_result
+from _common import RESULTS, dlpfc_files, write_result
 
 
 def one_run(seed: int, sharded: bool, out: Path) -> dict:
@@ -45,8 +45,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3,4")
     args = parser.parse_args()
-    rows = []
+    done = RESULTS / "shard_accuracy.json"  # seeds already measured are kept, not rerun
+    rows = json.loads(done.read_text())["runs"] if done.exists() else []
     for seed in (int(s) for s in args.seeds.split(",")):
+        if any(r["seed"] == seed for r in rows):
+            continue
         row = {"seed": seed}
         for mode in ("single", "sharded"):
             out = Path(f"/tmp/shard_accuracy_{mode}_{seed}")
@@ -59,10 +62,12 @@ def main() -> None:
               f"{row['sharded']['ari_mean_slice']:.3f}, between {row['ari_between']:.3f}",
               flush=True)
         rows.append(row)
+        rows.sort(key=lambda r: r["seed"])
         summary = {mode: {"mean": statistics.mean(r[mode]["ari_mean_slice"] for r in rows),
                           "sd": statistics.stdev(r[mode]["ari_mean_slice"] for r in rows)
                           if len(rows) > 1 else 0.0} for mode in ("single", "sharded")}
-        write_result("shard_accuracy", {"config": {"seeds": args.seeds, "defaults": True,
+        write_result("shard_accuracy", {"config": {"seeds": [r["seed"] for r in rows],
+                                                   "defaults": True,
                                                    "scib": False},
                                         "summary": summary, "runs": rows})
 

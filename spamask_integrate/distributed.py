@@ -83,8 +83,9 @@ def worker(input_path: str, output_path: str, config: SpamaskConfig, *,
         if rank == 0:
             model.save(output_path)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
 
 
 def train_distributed(adata: ad.AnnData, batch_key: str, config: SpamaskConfig, *, nproc: int,
@@ -202,12 +203,12 @@ def shard_worker(spec: dict, output_path: str, config: SpamaskConfig) -> None:
             _write_gathered(parts, plan, output_path, batch_key)
             model.save(spec["model_path"])
         dist.barrier()
-    except SpamaskError as exc:  # the launcher re-raises the first rank's one-line message
-        Path(f"{spec['error_path']}.rank{rank}").write_text(
-            f"{exc.__class__.__name__}\t{exc}")
-        raise
-    finally:
+    except BaseException as exc:
+        if isinstance(exc, SpamaskError):  # the launcher re-raises the first rank's message
+            Path(f"{spec['error_path']}.rank{rank}").write_text(
+                f"{exc.__class__.__name__}\t{exc}")
         dist.destroy_process_group()
+        raise
 
 
 def _peak_rss_gb() -> float:
@@ -376,10 +377,17 @@ def main(argv: list[str] | None = None) -> None:
     config = SpamaskConfig.from_dict(json.loads(Path(args.config).read_text()))
     if args.shard_spec:
         shard_worker(json.loads(Path(args.shard_spec).read_text()), args.output, config)
-        return
-    worker(args.input, args.output, config, batch_key=args.batch_key,
-           checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-           resume=args.resume, seed_log_path=args.seed_log)
+    else:
+        worker(args.input, args.output, config, batch_key=args.batch_key,
+               checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+               resume=args.resume, seed_log_path=args.seed_log)
+    # Done: every result is written and all ranks passed the final barrier. Leave without
+    # running destructors: with torch 2.2.1, gloo's process-group destructor sometimes waited
+    # forever on a lock once the other rank had exited (2 of about 10 sharded runs in one
+    # session hung there, in destroy_process_group or when DDP's reducer was freed).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
