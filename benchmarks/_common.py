@@ -52,3 +52,18 @@ def write_result(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {path}")
     return path
+
+
+def timed_cli(args: list[str]):
+    """Run ``args`` under ``/usr/bin/time -v``; exit on failure. Returns (process, wall
+    seconds, peak RSS in GB of the largest process of the tree)."""
+    import re
+    import subprocess
+
+    tic = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True)
+    wall = time.perf_counter() - tic
+    if proc.returncode:
+        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return proc, wall, rss_kb / 1024**2

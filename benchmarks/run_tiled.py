@@ -22,30 +22,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
-from _common import RESULTS, dlpfc_files, write_result
+from _common import RESULTS, dlpfc_files, timed_cli, write_result
 from tiled import CACHE, tiled
 
 
 def one_run(n: int | None, out: Path, extra: list[str]) -> dict:
     inputs = [str(f) for f in dlpfc_files()] if n is None else \
         [str(CACHE / f"tiled_{n}.h5ad"), "--slice-column", "slice"]
-    cmd = ["/usr/bin/time", "-v", "spamask-integrate", "-q", "run", *inputs,
+    cmd = ["spamask-integrate", "-q", "run", *inputs,
            "--label-key", "layer", "--n-domains", "7", "-o", str(out), "--overwrite", *extra]
-    tic = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - tic
-    if proc.returncode:
-        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    _, wall, rss_gb = timed_cli(cmd)
     info = json.loads((out / "run.json").read_text())
     seconds = {k: v for k, v in info["seconds"].items() if k != "total"}
     seconds["write_and_startup"] = wall - info["seconds"]["total"]
@@ -54,7 +46,7 @@ def one_run(n: int | None, out: Path, extra: list[str]) -> dict:
     pooled = m[(m.kind == "domain") & (m.scope == "all")].set_index("metric").value
     scib_n = m[(m.kind == "info") & (m.metric == "scib_n_spots")].value
     return {"n_spots": info["n_spots"], "n_slices": info["n_slices"], "seconds": seconds,
-            "total_seconds": wall, "peak_rss_gb": rss_kb / 1024**2,
+            "total_seconds": wall, "peak_rss_gb": rss_gb,
             "ari_mean_slice": float(dom[dom.metric == "ARI"].value.mean()),
             "nmi_mean_slice": float(dom[dom.metric == "NMI"].value.mean()),
             "ari_pooled": float(pooled["ARI"]), "nmi_pooled": float(pooled["NMI"]),

@@ -14,37 +14,29 @@ Result: benchmarks/results/shard_memory_<N>.json
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
-import time
 from pathlib import Path
 
 import anndata as ad
 import pandas as pd
 
-from _common import write_result
+from _common import timed_cli, write_result
 from tiled import CACHE, tiled
 
 
 def one_run(path: Path, ranks: int, out: Path, epochs: str | None) -> dict:
-    cmd = ["/usr/bin/time", "-v", "spamask-integrate", "-q", "run", str(path), "--slice-column",
+    cmd = ["spamask-integrate", "-q", "run", str(path), "--slice-column",
            "slice", "--label-key", "layer", "--n-domains", "7", "--no-scib", "--no-report",
            "--shard-slices", "--nproc", str(ranks), "-o", str(out), "--overwrite"]
     if epochs:
         cmd += ["--epochs", epochs]
-    tic = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - tic
-    if proc.returncode:
-        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    _, wall, rss_gb = timed_cli(cmd)
     result = ad.read_h5ad(out / "integrated.h5ad", backed="r")
     shard = result.uns["spamask"]["shard"]
     run_seconds = dict(result.uns["spamask"]["run"]["seconds"])
     m = pd.read_csv(out / "metrics.csv")
     dom = m[(m.kind == "domain") & (m.scope != "all")]
     row = {"ranks": ranks, "wall_seconds": wall,
-           "largest_process_rss_gb": rss_kb / 1024**2,  # time -v: the largest process of the tree
+           "largest_process_rss_gb": rss_gb,  # time -v: the largest process of the tree
            "stages": {r: {s: dict(v) for s, v in st.items()} for r, st in shard["stages"].items()},
            "spots_per_rank": {r: int(v) for r, v in shard["spots"].items()},
            "run_seconds": {k: float(v) for k, v in run_seconds.items()},

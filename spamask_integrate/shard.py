@@ -171,13 +171,9 @@ def read_shard(plan: list[PlannedSlice], rank: int, comm: Collective, *,
                         label_key=label_key, min_spots=min_spots,
                         select={s.name for s in mine})
     # the genes of every slice everywhere, in the order of the plan's first slice
-    first = names[0]
-    shared = set(adata.var_names)
-    for genes in comm.allgather(list(adata.var_names)):
-        shared &= set(genes)
-    order = comm.allgather(list(adata.var_names) if first in set(adata.obs[batch_key]) else None)
-    first_genes = next(g for g in order if g is not None)
-    genes = [g for g in first_genes if g in shared]
+    per_rank = comm.allgather(list(adata.var_names))
+    shared = set.intersection(*map(set, per_rank))
+    genes = [g for g in per_rank[plan[0].rank] if g in shared]
     if not genes:
         raise InputError("the slices share no gene names across the shards")
     if genes != list(adata.var_names):  # (a copy of the counts: only when genes differ)
