@@ -8,7 +8,8 @@ launching process (plan, gathered n x 30 results, Harmony, domains, writing) is 
 ``time -v``. ``--epochs E`` sets the training budget (default: the run's own, "auto").
 
 Usage: python benchmarks/shard_memory.py --spots 1000000 --ranks 1,2,4 [--epochs 1]
-Result: benchmarks/results/shard_memory_<N>.json
+Result: benchmarks/results/shard_memory_<N>.json (the default budget) or
+shard_memory_<N>_epochs<E>.json
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def main() -> None:
               f"{', '.join(f'{p:.2f}' for p in peaks.values())} GB, ARI {row['ari_mean_slice']:.3f}",
               flush=True)
         rows.append(row)
-        write_result(f"shard_memory_{args.spots}", {
+        name = f"shard_memory_{args.spots}" + (f"_epochs{args.epochs}" if args.epochs else "")
+        write_result(name, {
             "config": {"spots": args.spots, "epochs": args.epochs or "auto", "scib": False,
                        "data": str(path)},
             "runs": rows})

@@ -38,6 +38,7 @@ import torch
 
 from .config import Keys, SpamaskConfig
 from .errors import ResourceError
+from .utils import release_freed_memory
 
 if TYPE_CHECKING:
     from .train import SpaMask
@@ -159,6 +160,7 @@ def shard_worker(spec: dict, output_path: str, config: SpamaskConfig) -> None:
     clock = [time.perf_counter()]
 
     def mark(stage: str) -> None:  # seconds of the stage and the peak RSS so far
+        release_freed_memory()
         now = time.perf_counter()
         stages[stage] = {"seconds": round(now - clock[0], 3), "peak_rss_gb": _peak_rss_gb()}
         clock[0] = now

@@ -20,7 +20,7 @@ from .io import read_slices, slice_categories, write_outputs
 from .metrics import evaluate
 from .preprocess import preprocess
 from .train import train, versions
-from .utils import record
+from .utils import record, release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def run(
         logger.info("step: %s", name)
         tic = time.perf_counter()
         yield
+        release_freed_memory()
         timings[name] = round(time.perf_counter() - tic, 3)
 
     if shard_slices:

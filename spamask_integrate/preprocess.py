@@ -86,23 +86,25 @@ def preprocess(
     adata = adata.copy() if copy else adata
     counts = adata.layers[Keys.COUNTS] if Keys.COUNTS in adata.layers else adata.X
     counts = sp.csr_matrix(counts, dtype=np.float32)
-    adata.layers[Keys.COUNTS] = counts
-    adata.X = counts.copy()
-
+    # sorted, without duplicate entries (in place: the same counts, no copy of the matrix)
+    counts.sum_duplicates()
     keep = _gene_filter(counts, min_cells, min_counts, comm)
     if keep.sum() == 0:
         raise InputError(f"no gene passes min_cells={min_cells} and min_counts={min_counts}; "
                          "lower them")
+    # X is rebuilt from the counts below: dropping the old one first keeps one copy of the
+    # counts in memory instead of two (the peak of a large or sharded run)
+    adata.X = None
+    adata.layers[Keys.COUNTS] = counts
     if keep.sum() < adata.n_vars:
         logger.info("gene filter: %d of %d genes kept", keep.sum(), adata.n_vars)
         adata._inplace_subset_var(keep)
+    counts = adata.layers[Keys.COUNTS]
     hvg = _select_hvgs(adata, batch_key, n_top_genes, comm)
 
-    totals = _totals(adata.X)
-    xh = _normalise(adata.X if hvg.all() else adata.X[:, hvg].tocsr(), totals, target_sum,
+    totals = _totals(counts)
+    xh = _normalise(counts if hvg.all() else counts[:, hvg].tocsr(), totals, target_sum,
                     log1p)  # (no column copy when every gene is kept)
-    adata.X = _normalise(adata.X, totals, X_TARGET_SUM, True)
-    adata.uns["log1p"] = {}  # natural log, as sc.pp.log1p records it (no "base")
     params = {
         "batch_key": batch_key, "n_top_genes": int(hvg.sum()), "min_cells": min_cells,
         "min_counts": min_counts, "target_sum": float(target_sum), "log1p": bool(log1p),
@@ -121,6 +123,9 @@ def preprocess(
         adata.obsm[key_added] = scores
         adata.uns.setdefault("pca", {})["variance_ratio"] = var_ratio
         params.update(n_comps=int(n_comps), input_key=key_added)
+    del xh  # the model input is done: X below does not coexist with it (one copy less at peak)
+    adata.X = _normalise(counts, totals, X_TARGET_SUM, True)
+    adata.uns["log1p"] = {}  # natural log, as sc.pp.log1p records it (no "base")
     record(adata, "preprocess", params)
     logger.info("preprocess: %d spots, %d HVGs -> obsm[%r]", adata.n_obs, hvg.sum(),
                 params["input_key"])
@@ -198,19 +203,37 @@ def _select_hvgs(adata: ad.AnnData, batch_key: str, n_top_genes: int | None,
     return df["highly_variable"].to_numpy(dtype=bool)
 
 
-def _column_moments(x: sp.csr_matrix, chunk: int = 100_000) -> tuple[np.ndarray, ...]:
-    """Column sums, sums of squares and non-zero counts (float64), a block of rows at a time:
-    the blocks share x's index arrays, so nothing of the size of x is copied."""
+def _column_moments(x: sp.csr_matrix, chunk: int = 1 << 22) -> tuple[np.ndarray, ...]:
+    """Column sums, sums of squares and non-zero counts (float64) of a CSR matrix, read from
+    its stored entries ``chunk`` at a time: the memory beyond ``x`` is a few arrays of
+    ``chunk`` entries (100 MB at the default), whatever the size of ``x``."""
     out = np.zeros((3, x.shape[1]))
+    for lo in range(0, x.nnz, chunk):
+        values = x.data[lo:lo + chunk].astype(np.float64)
+        columns = x.indices[lo:lo + chunk]
+        out[0] += np.bincount(columns, weights=values, minlength=x.shape[1])
+        out[1] += np.bincount(columns, weights=values * values, minlength=x.shape[1])
+        out[2] += np.bincount(columns[values != 0], minlength=x.shape[1])
+    return out[0], out[1], out[2]
+
+
+def _group_moments(x: sp.csr_matrix, codes: np.ndarray, n_groups: int,
+                   chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of rows (``codes``), the column sums and sums of squares of ``x`` (float64,
+    n_groups x genes), from blocks of whole rows holding about ``chunk`` stored entries."""
+    g = x.shape[1]
+    total = np.zeros(n_groups * g)
+    sq = np.zeros(n_groups * g)
     ptr = x.indptr
-    for lo in range(0, x.shape[0], chunk):
-        hi = min(lo + chunk, x.shape[0])
+    bounds = np.unique(np.r_[np.searchsorted(ptr, np.arange(0, x.nnz, chunk), "right") - 1,
+                             x.shape[0]])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
         a, b = int(ptr[lo]), int(ptr[hi])
         values = x.data[a:b].astype(np.float64)
-        for i, v in enumerate((values, values * values, (values != 0).astype(np.float64))):
-            block = sp.csr_matrix((v, x.indices[a:b], ptr[lo:hi + 1] - a), shape=(hi - lo, x.shape[1]))
-            out[i] += np.asarray(block.sum(axis=0)).ravel()
-    return out[0], out[1], out[2]
+        flat = np.repeat(codes[lo:hi] * g, np.diff(ptr[lo:hi + 1])) + x.indices[a:b]
+        total += np.bincount(flat, weights=values, minlength=n_groups * g)
+        sq += np.bincount(flat, weights=values * values, minlength=n_groups * g)
+    return total.reshape(n_groups, g), sq.reshape(n_groups, g)
 
 
 def _totals(counts: sp.csr_matrix) -> np.ndarray:
@@ -251,12 +274,7 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
     ind = sp.csr_matrix((np.ones(n), (np.arange(n), codes)), shape=(n, n_groups))
     sizes = _sum(comm, np.asarray(ind.sum(axis=0)).ravel())
     sizes[sizes == 0] = 1
-    total = np.zeros((n_groups, g))
-    sq = np.zeros((n_groups, g))
-    for lo in range(0, n, chunk):
-        part, group = x[lo:lo + chunk].astype(np.float64), ind[lo:lo + chunk].T
-        total += (group @ part).toarray()
-        sq += (group @ part.multiply(part)).toarray()
+    total, sq = _group_moments(x, codes, n_groups)
     total, sq = _sum(comm, total), _sum(comm, sq)
     mean = total / sizes[:, None]
     var = np.maximum(sq / sizes[:, None] - mean**2, 0) * (sizes / np.maximum(sizes - 1, 1))[:, None]
@@ -308,10 +326,14 @@ def _gram_pca(scaled, n: int, g: int, ind: sp.csr_matrix, shift: np.ndarray,
     """Exact PCA of the implicit z matrix through its g x g Gram matrix, built chunk-wise
     (``scaled(lo, hi)`` gives the scaled sparse rows lo:hi)."""
     gram = np.zeros((g, g))
-    for lo in range(0, n, chunk):
-        # the chunk's product in float32 (twice the BLAS speed; relative error ~1e-7 of the
-        # largest entry), summed over chunks in float64
-        z = (scaled(lo, lo + chunk).toarray() - ind[lo:lo + chunk] @ shift).astype(np.float32)
+    # dense blocks of at most ~2^22 entries (32 MB in float64) whatever the gene count: a
+    # fixed 20,000-row block was 0.6 GB of temporaries at 2,000 genes, the largest part of a
+    # small shard's peak memory
+    rows = max(256, min(chunk, (1 << 22) // max(g, 1)))
+    for lo in range(0, n, rows):
+        # the block's product in float32 (twice the BLAS speed; relative error ~1e-7 of the
+        # largest entry), summed over blocks in float64
+        z = (scaled(lo, lo + rows).toarray() - ind[lo:lo + rows] @ shift).astype(np.float32)
         gram += z.T @ z
     gram = _sum(comm, gram)
     # only the top n_comps eigenpairs (LAPACK's MRRR driver on the subset): the full

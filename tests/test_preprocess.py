@@ -71,3 +71,42 @@ def test_x_is_log_normalised_for_scanpy(tiny_slices):
     assert np.allclose(tiny_slices.X.toarray(), expected, rtol=1e-5, atol=1e-5)
     assert tiny_slices.uns["log1p"].get("base") is None  # natural log for scanpy
     assert np.allclose(counts, np.round(counts))
+
+
+def test_block_statistics_equal_dense_sums():
+    """Gene statistics read the stored entries a block at a time (bounded memory); with blocks
+    far smaller than the matrix they equal the dense sums, per slice and overall."""
+    import importlib
+
+    pp = importlib.import_module("spamask_integrate.preprocess")
+    rng = np.random.default_rng(0)
+    x = sp.random(500, 40, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    x[3] = 0  # an empty row
+    x.eliminate_zeros()
+    codes = rng.integers(0, 4, 500)
+    dense = x.toarray().astype(np.float64)
+    for chunk in (7, 100, 1 << 22):  # blocks of a few rows, and one block
+        total, sq, nnz = pp._column_moments(x, chunk=chunk)
+        np.testing.assert_allclose(total, dense.sum(0))
+        np.testing.assert_allclose(sq, (dense ** 2).sum(0))
+        np.testing.assert_array_equal(nnz, (dense != 0).sum(0))
+        g_total, g_sq = pp._group_moments(x, codes, 5, chunk=chunk)
+        assert g_total.shape == (5, 40)
+        for c in range(5):
+            np.testing.assert_allclose(g_total[c], dense[codes == c].sum(0), atol=1e-9)
+            np.testing.assert_allclose(g_sq[c], (dense[codes == c] ** 2).sum(0), atol=1e-9)
+
+
+def test_preprocess_keeps_counts_once(tiny_slices):
+    """X is rebuilt from the counts: afterwards the counts layer and X are separate matrices,
+    the counts unchanged and X their log-normalised values."""
+    adata = tiny_slices.copy()
+    raw = sp.csr_matrix(adata.X, dtype=np.float32).copy()
+    si.preprocess(adata, n_top_genes=30, n_comps=10, min_cells=5)
+    counts = adata.layers["counts"]
+    assert counts is not adata.X and not np.shares_memory(counts.data, adata.X.data)
+    kept = [list(tiny_slices.var_names).index(g) for g in adata.var_names]
+    np.testing.assert_array_equal(counts.toarray(), raw[:, kept].toarray())
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    np.testing.assert_allclose(adata.X.toarray(),
+                               np.log1p(counts.toarray() / totals[:, None] * 1e4), rtol=1e-5)
