@@ -44,38 +44,61 @@ if TYPE_CHECKING:
     from .train import SpaMask
 
 
+def _init_rank(config: SpamaskConfig) -> tuple[int, int, int, torch.device]:
+    """Join the process group (NCCL with GPUs, else gloo): (rank, world size, local rank,
+    device)."""
+    import torch.distributed as dist
+
+    use_cuda = config.device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), local, device
+
+
+def _ddp_trainer(config: SpamaskConfig, graph, x, input_key: str, device: torch.device,
+                 local: int, *, checkpoint: str | None = None, seed_log: bool = False,
+                 **trainer_kwargs):
+    """The same initial model on every rank, its Trainer with DDP's gradient averaging, and
+    the state of ``checkpoint`` when resuming: ``(model, trainer)``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .train import SpaMask, Trainer, seed_all
+
+    seed_all(config.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    quiet = config.quiet or trainer_kwargs.get("rank", 0) != 0
+    model = SpaMask(config.replace(quiet=quiet), x.shape[1], input_key)
+    trainer = Trainer(model, graph, x, device, **trainer_kwargs)
+    trainer.net = DistributedDataParallel(
+        trainer.module, device_ids=[local] if device.type == "cuda" else None)
+    if seed_log:
+        trainer.seed_log = []
+    if checkpoint:
+        trainer.load_checkpoint(checkpoint)
+    return model, trainer
+
+
 def worker(input_path: str, output_path: str, config: SpamaskConfig, *,
            batch_key: str = Keys.BATCH, checkpoint: str | None = None,
            checkpoint_every: int = 0, resume: bool = False,
            seed_log_path: str | None = None) -> None:
     """Train on this rank; called once per process under ``torchrun``."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     from .graph import to_dgl
-    from .train import SpaMask, Trainer, _features, seed_all, training_tiles
+    from .train import _features, training_tiles
 
-    use_cuda = config.device != "cpu" and torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    rank, world, local, device = _init_rank(config)
     try:
         adata = ad.read_h5ad(input_path)
         input_key = adata.uns[Keys.UNS]["preprocess"]["input_key"]
         x = _features(adata, input_key)
         graph = to_dgl(adata, batch_key)
-        tiles = training_tiles(adata, config, batch_key)
-        seed_all(config.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
-        model = SpaMask(config.replace(quiet=config.quiet or rank != 0), x.shape[1], input_key)
-        trainer = Trainer(model, graph, x, device, minibatch=True, rank=rank, world_size=world,
-                          tiles=tiles)
-        trainer.net = DistributedDataParallel(
-            trainer.module, device_ids=[local] if use_cuda else None)
-        if seed_log_path:
-            trainer.seed_log = []
-        if resume and checkpoint:
-            trainer.load_checkpoint(checkpoint)
+        model, trainer = _ddp_trainer(config, graph, x, input_key, device, local,
+                                      checkpoint=checkpoint if resume else None,
+                                      minibatch=True, rank=rank, world_size=world,
+                                      tiles=training_tiles(adata, config, batch_key),
+                                      seed_log=bool(seed_log_path))
         trainer.fit(checkpoint, checkpoint_every)
         if seed_log_path:
             torch.save(trainer.seed_log, f"{seed_log_path}.rank{rank}")
@@ -142,20 +165,15 @@ def shard_worker(spec: dict, output_path: str, config: SpamaskConfig) -> None:
     read, preprocess and graph parameters, checkpointing and where to put the model.
     """
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     from .errors import SpamaskError
     from .graph import build_graph
     from .preprocess import preprocess
     from .shard import Collective, read_shard
-    from .train import SpaMask, Trainer, _features, embed_and_record, seed_all, training_tiles
+    from .train import _features, embed_and_record, training_tiles
 
-    use_cuda = config.device != "cpu" and torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world, local, device = _init_rank(config)
     comm = Collective()
-    rank, world = comm.rank, comm.world
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     stages: dict[str, dict[str, float]] = {}
     clock = [time.perf_counter()]
 
@@ -182,15 +200,11 @@ def shard_worker(spec: dict, output_path: str, config: SpamaskConfig) -> None:
         input_key = adata.uns[Keys.UNS]["preprocess"]["input_key"]
         x = _features(adata, input_key)
         tiles = training_tiles(adata, config, batch_key) if minibatch else None
-        seed_all(config.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
-        model = SpaMask(config.replace(quiet=config.quiet or rank != 0), x.shape[1], input_key)
-        trainer = Trainer(model, graph, x, device, minibatch=bool(minibatch), rank=rank,
-                          world_size=world, tiles=tiles, sharded=True, n_total=n_total)
-        trainer.net = DistributedDataParallel(
-            trainer.module, device_ids=[local] if use_cuda else None)
         checkpoint = spec.get("checkpoint")
-        if spec.get("resume") and checkpoint:
-            trainer.load_checkpoint(checkpoint)
+        model, trainer = _ddp_trainer(config, graph, x, input_key, device, local,
+                                      checkpoint=checkpoint if spec.get("resume") else None,
+                                      minibatch=bool(minibatch), rank=rank, world_size=world,
+                                      tiles=tiles, sharded=True, n_total=n_total)
         tic = time.perf_counter()
         trainer.fit(checkpoint, spec.get("checkpoint_every", 0))
         mark("train")

@@ -365,6 +365,7 @@ def read_slices(
     join: str = "inner",
     min_spots: int = 7,
     select: Collection[str] | None = None,
+    counts_layer: bool = True,
 ) -> ad.AnnData:
     """Read one or several slices into one AnnData.
 
@@ -393,6 +394,10 @@ def read_slices(
     select
         Read only the slices of these names (a rank of a sharded run): other files are not
         opened, and of a file split by a slice column only the selected rows are loaded.
+    counts_layer
+        Also keep a copy of the counts in ``layers["counts"]`` (``X`` is then free to be
+        normalised in place). ``False`` keeps them in ``X`` only: one copy instead of two, for
+        a read that goes straight to :func:`~spamask_integrate.preprocess` (as ``run`` does).
 
     Returns
     -------
@@ -424,7 +429,8 @@ def read_slices(
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"duplicated slice name(s): {', '.join(dup)}; give each slice its own name")
-    joined = _join_slices(slices, srcs, batch_key=batch_key, join=join, label_key=out_label)
+    joined = _join_slices(slices, srcs, batch_key=batch_key, join=join, label_key=out_label,
+                          counts_layer=counts_layer)
     joined.uns[Keys.UNS]["read"]["slice_column"] = ",".join(sorted(
         {f.slice_column or slice_column for f in files} - {None}))
     return joined
@@ -479,14 +485,15 @@ def _normalise_slice(adata: ad.AnnData, src: SliceSource, *, batch_key: str,
 
 
 def _join_slices(slices: list[ad.AnnData], srcs: list[SliceSource], *, batch_key: str,
-                 join: str, label_key: str | None) -> ad.AnnData:
+                 join: str, label_key: str | None, counts_layer: bool = True) -> ad.AnnData:
     all_genes = set().union(*(set(s.var_names) for s in slices))
     joined = ad.concat(slices, join=join, merge="same", fill_value=0)
     if joined.n_vars == 0:
         raise InputError("the slices share no gene names: "
                          + ", ".join(f"{s.name} ({a.n_vars} genes)" for s, a in zip(srcs, slices)))
     joined.X = sp.csr_matrix(joined.X, dtype=np.float32)
-    joined.layers[Keys.COUNTS] = joined.X.copy()
+    if counts_layer:
+        joined.layers[Keys.COUNTS] = joined.X.copy()
     joined.obs[batch_key] = pd.Categorical(joined.obs[batch_key], categories=[s.name for s in srcs])
     if label_key is not None:
         labels = joined.obs[label_key]

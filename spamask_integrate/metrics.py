@@ -15,7 +15,7 @@ from sklearn import metrics as skm
 from .cluster import same_slice_neighbours
 from .config import Keys
 from .errors import ConfigError, InputError
-from .utils import batch_codes, h5ad_safe, require_obs, require_obsm
+from .utils import batch_codes, exact_knn, h5ad_safe, require_obs, require_obsm
 
 logger = logging.getLogger(__name__)
 
@@ -297,9 +297,8 @@ def _exact_neighbours(x: np.ndarray, n_neighbors: int, **_ignored):
     """pynndescent's signature, scikit-learn's exact answer (each point its own first
     neighbour); more neighbours than points is a ValueError, as kBET expects."""
     from scib_metrics.nearest_neighbors import NeighborsResults
-    from sklearn.neighbors import NearestNeighbors
 
-    dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(x).kneighbors(x)
+    idx, dist = exact_knn(x, n_neighbors)
     return NeighborsResults(indices=idx, distances=dist)
 
 

@@ -178,7 +178,8 @@ def _read_and_train(sources, config, step, *, batch_key, label_key, slice_column
                 raise ConfigError(f"obs[{batch_key!r}] not found in the AnnData given")
         else:
             adata = read_slices(sources, batch_key=batch_key, label_key=label_key,
-                                slice_column=slice_column, min_spots=(k or 6) + 1)
+                                slice_column=slice_column, min_spots=(k or 6) + 1,
+                                counts_layer=False)  # preprocess makes the layer
     with step("preprocess"):
         preprocess(adata, batch_key=batch_key, seed=config.seed, **(preprocess_kwargs or {}))
     with step("graph"):

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .config import Keys
-from .utils import require_obs, require_obsm
+from .utils import exact_knn, require_obs, require_obsm
 
 
 def _palette(n: int) -> list:
@@ -78,16 +78,9 @@ def _dot(colour, label: str):
 
 
 def _exact_knn(x: np.ndarray, k: int):
-    """(indices, distances) of each point's k nearest neighbours, itself first, for UMAP.
-
-    Above 4,096 points umap-learn searches with pynndescent, whose numba kernels compile
-    afresh in every process (about 30 s on 2 cores); an exact search of the at most 30,000
-    points a figure shows takes a second or two.
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    k = min(k, len(x))
-    dist, ind = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)
+    """UMAP's precomputed (indices, distances): exact, so that umap-learn does not build a
+    pynndescent index above 4,096 points; a figure shows at most 30,000 points."""
+    ind, dist = exact_knn(x, min(k, len(x)))
     return ind, dist.astype(np.float32)
 
 

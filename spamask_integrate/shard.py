@@ -169,7 +169,7 @@ def read_shard(plan: list[PlannedSlice], rank: int, comm: Collective, *,
     names = [p.source.name for p in plan]
     adata = read_slices([_whole_file(s) for s in _files(mine)], batch_key=batch_key,
                         label_key=label_key, min_spots=min_spots,
-                        select={s.name for s in mine})
+                        select={s.name for s in mine}, counts_layer=False)
     # the genes of every slice everywhere, in the order of the plan's first slice
     per_rank = comm.allgather(list(adata.var_names))
     shared = set.intersection(*map(set, per_rank))

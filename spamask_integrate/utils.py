@@ -75,3 +75,14 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # musl or another libc: nothing to trim
         pass
+
+
+def exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, distances) of every point's ``k`` nearest points, itself first: an exact
+    scikit-learn search (more neighbours than points raises ``ValueError``). The report's
+    UMAP and scib's kBET use it instead of pynndescent, whose numba kernels compile afresh in
+    every process (about 30 s on 2 cores)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, ind = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)
+    return ind, dist

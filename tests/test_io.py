@@ -43,6 +43,18 @@ def test_read_h5ad_list(tiny_slices, tmp_path):
     assert a.uns["spamask"]["read"]["n_genes_kept"] == 120
 
 
+def test_read_without_counts_layer_keeps_one_copy(tiny_slices, tmp_path):
+    """counts_layer=False (the run's own read): the counts in X only, and preprocess makes
+    the same result from them as from a read with the layer."""
+    paths = write_h5ad_slices(tiny_slices, tmp_path)
+    one = si.read_slices(paths, counts_layer=False)
+    two = si.read_slices(paths)
+    assert "counts" not in one.layers and (one.X != two.layers["counts"]).nnz == 0
+    for a in (one, two):
+        si.preprocess(a, n_top_genes=40, n_comps=10, min_cells=5)
+    np.testing.assert_array_equal(one.obsm["X_pca"], two.obsm["X_pca"])
+    assert (one.layers["counts"] != two.layers["counts"]).nnz == 0
+
 def test_manifests_yaml_and_csv(tiny_slices, tmp_path):
     paths = write_h5ad_slices(tiny_slices, tmp_path)
     yml = tmp_path / "slices.yaml"
