@@ -191,6 +191,10 @@ def shard_worker(spec: dict, output_path: str, config: SpamaskConfig) -> None:
         mark("read")
         preprocess(adata, batch_key=batch_key, seed=config.seed, comm=comm,
                    **spec["preprocess"])
+        # the gathered result holds no counts (they stay in the input files): from here on a
+        # rank needs only the model input, the coordinates and obs
+        adata.X = None
+        adata.layers.clear()
         mark("preprocess")
         graph = build_graph(adata, batch_key, **spec["graph"])
         mark("graph")
@@ -251,25 +255,35 @@ def _plan_rows(plan) -> list[dict]:
             for p in plan]
 
 
-def _shared_pca(x, comm, n_pcs: int):
+def _shared_pca(x, comm, n_pcs: int, block: int = 65_536):
     """PCA of the rows of all ranks (exact, through the summed Gram matrix of the centred
-    columns); each rank gets the scores of its own rows, float32."""
+    columns); each rank gets the scores of its own rows, float32. Blocks of ``block`` rows
+    are centred in float64 one at a time, so the memory beyond ``x`` is a few blocks."""
     import numpy as np
     import scipy.linalg
 
-    x = np.asarray(x, dtype=np.float64)
     d = x.shape[1]
     if d <= n_pcs:
-        return x.astype(np.float32)
+        return np.asarray(x, dtype=np.float32)
     n = comm.sum([x.shape[0]])[0]
-    mean = comm.sum(x.sum(axis=0)) / max(n, 1)
-    centred = x - mean
-    gram = comm.sum(centred.T @ centred)
+    total = np.zeros(d)
+    for lo in range(0, x.shape[0], block):
+        total += np.asarray(x[lo:lo + block], dtype=np.float64).sum(axis=0)
+    mean = comm.sum(total) / max(n, 1)
+    gram = np.zeros((d, d))
+    for lo in range(0, x.shape[0], block):
+        centred = np.asarray(x[lo:lo + block], dtype=np.float64) - mean
+        gram += centred.T @ centred
+    gram = comm.sum(gram)
     values, vectors = scipy.linalg.eigh(gram, subset_by_index=[d - n_pcs, d - 1])
     vectors = comm.broadcast(vectors[:, ::-1].copy())
     signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(n_pcs)])
     signs[signs == 0] = 1
-    return (centred @ (vectors * signs)).astype(np.float32)
+    vectors = vectors * signs
+    out = np.empty((x.shape[0], n_pcs), dtype=np.float32)
+    for lo in range(0, x.shape[0], block):
+        out[lo:lo + block] = (np.asarray(x[lo:lo + block], dtype=np.float64) - mean) @ vectors
+    return out
 
 
 def _shard_payload(adata, emb, stages, with_var: bool) -> dict:

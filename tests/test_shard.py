@@ -221,3 +221,20 @@ def test_rows_are_read_from_the_file_in_any_storage(tmp_path, form):
         got = sio._rows_of(f["X"], rows)
     np.testing.assert_array_equal(np.asarray(got.todense() if sp.issparse(got) else got),
                                   x[rows].toarray())
+
+
+def test_shared_pca_in_blocks_equals_pca():
+    """The gathered 30-d embedding of a sharded run: blocks of rows give sklearn's PCA scores
+    (up to each component's sign)."""
+    from sklearn.decomposition import PCA
+
+    from spamask_integrate.distributed import _shared_pca
+    from spamask_integrate.shard import Collective
+
+    x = np.random.default_rng(0).normal(size=(1000, 40)).astype(np.float32)
+    x[:, :5] *= 10  # distinct leading variances
+    got = _shared_pca(x, Collective(), 8, block=97)
+    want = PCA(8, svd_solver="full").fit_transform(x.astype(np.float64))
+    assert got.shape == (1000, 8) and got.dtype == np.float32
+    np.testing.assert_allclose(np.abs(got), np.abs(want), atol=1e-3)
+    np.testing.assert_array_equal(_shared_pca(x[:, :6], Collective(), 8), x[:, :6])
