@@ -401,7 +401,8 @@ def read_slices(
 
     Returns
     -------
-    AnnData with raw counts in ``X`` and ``layers["counts"]`` (CSR), ``obsm["spatial"]``,
+    AnnData with raw counts in ``X`` and (unless ``counts_layer=False``) ``layers["counts"]``
+    (CSR), ``obsm["spatial"]``,
     ``obs[batch_key]``, obs names ``<slice>_<barcode>``, the ``var`` columns on which all
     slices agree (e.g. 10x ``gene_ids``) and ``uns["spamask"]["read"]``.
     """

@@ -110,3 +110,21 @@ def test_preprocess_keeps_counts_once(tiny_slices):
     totals = np.asarray(counts.sum(axis=1)).ravel()
     np.testing.assert_allclose(adata.X.toarray(),
                                np.log1p(counts.toarray() / totals[:, None] * 1e4), rtol=1e-5)
+
+
+def test_failed_preprocess_leaves_counts_in_x(tiny_slices, monkeypatch):
+    """preprocess drops X while it works; when a step fails, X holds the counts again."""
+    import importlib
+
+    pp = importlib.import_module("spamask_integrate.preprocess")
+
+    def fail(*_a, **_k):
+        raise si.InputError("seurat_v3 HVG selection failed on slice 'slice0'")
+
+    monkeypatch.setattr(pp, "_select_hvgs", fail)
+    adata = tiny_slices.copy()
+    raw = sp.csr_matrix(adata.X, dtype=np.float32).toarray()
+    with pytest.raises(si.InputError, match="slice0"):
+        si.preprocess(adata, min_cells=5)
+    assert adata.X is not None
+    np.testing.assert_array_equal(adata.X.toarray(), raw)
