@@ -73,7 +73,7 @@ def main() -> None:
     for i in range(args.repeats):
         out = Path(f"{args.out}_{args.spots or 'dlpfc'}_{len(runs)}")
         runs.append(one_run(args.spots, out, []))
-        dom = pd.read_csv(out / "domains.csv", index_col=0).iloc[:, 0].astype(str)
+        dom = pd.read_csv(out / "domains.csv", index_col=0)["domain"].astype(str)
         if first_domains is None:
             first_domains = dom
         else:
