@@ -257,8 +257,8 @@ def _plan_rows(plan) -> list[dict]:
 
 def _shared_pca(x, comm, n_pcs: int, block: int = 65_536):
     """PCA of the rows of all ranks (exact, through the summed Gram matrix of the centred
-    columns); each rank gets the scores of its own rows, float32. Blocks of ``block`` rows
-    are centred in float64 one at a time, so the memory beyond ``x`` is a few blocks."""
+    columns); each rank gets the scores of its own rows, float32. Rows are centred in float64
+    a block of ``block`` rows at a time, so the memory beyond ``x`` is a few blocks."""
     import numpy as np
     import scipy.linalg
 
@@ -266,23 +266,21 @@ def _shared_pca(x, comm, n_pcs: int, block: int = 65_536):
     if d <= n_pcs:
         return np.asarray(x, dtype=np.float32)
     n = comm.sum([x.shape[0]])[0]
-    total = np.zeros(d)
-    for lo in range(0, x.shape[0], block):
-        total += np.asarray(x[lo:lo + block], dtype=np.float64).sum(axis=0)
-    mean = comm.sum(total) / max(n, 1)
-    gram = np.zeros((d, d))
-    for lo in range(0, x.shape[0], block):
-        centred = np.asarray(x[lo:lo + block], dtype=np.float64) - mean
-        gram += centred.T @ centred
-    gram = comm.sum(gram)
+    mean = comm.sum(np.asarray(x).sum(axis=0, dtype=np.float64)) / max(n, 1)
+
+    def centred():  # (start row, centred float64 block)
+        for lo in range(0, x.shape[0], block):
+            yield lo, np.asarray(x[lo:lo + block], dtype=np.float64) - mean
+
+    gram = comm.sum(sum((c.T @ c for _, c in centred()), np.zeros((d, d))))
     values, vectors = scipy.linalg.eigh(gram, subset_by_index=[d - n_pcs, d - 1])
     vectors = comm.broadcast(vectors[:, ::-1].copy())
     signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(n_pcs)])
     signs[signs == 0] = 1
     vectors = vectors * signs
     out = np.empty((x.shape[0], n_pcs), dtype=np.float32)
-    for lo in range(0, x.shape[0], block):
-        out[lo:lo + block] = (np.asarray(x[lo:lo + block], dtype=np.float64) - mean) @ vectors
+    for lo, c in centred():
+        out[lo:lo + len(c)] = c @ vectors
     return out
 
 

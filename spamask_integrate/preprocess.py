@@ -148,9 +148,8 @@ def _total(comm: Collective | None, value: int) -> int:
 
 def _gene_filter(counts: sp.csr_matrix, min_cells: int, min_counts: int,
                  comm: Collective | None = None) -> np.ndarray:
-    if not counts.has_canonical_format:  # duplicate entries would count a spot twice
-        counts = counts.copy()
-        counts.sum_duplicates()
+    """Genes in at least ``min_cells`` spots with at least ``min_counts`` counts (``counts``
+    in canonical form, as preprocess leaves them: a duplicate entry would count twice)."""
     totals, _, n_cells = _column_moments(counts)
     n_cells, totals = _sum(comm, n_cells), _sum(comm, totals)
     return (n_cells >= min_cells) & (totals >= min_counts)
@@ -209,36 +208,30 @@ def _select_hvgs(adata: ad.AnnData, batch_key: str, n_top_genes: int | None,
 
 
 def _column_moments(x: sp.csr_matrix, chunk: int = 1 << 22) -> tuple[np.ndarray, ...]:
-    """Column sums, sums of squares and non-zero counts (float64) of a CSR matrix, read from
-    its stored entries ``chunk`` at a time: the memory beyond ``x`` is a few arrays of
-    ``chunk`` entries (100 MB at the default), whatever the size of ``x``."""
-    out = np.zeros((3, x.shape[1]))
-    for lo in range(0, x.nnz, chunk):
-        values = x.data[lo:lo + chunk].astype(np.float64)
-        columns = x.indices[lo:lo + chunk]
-        out[0] += np.bincount(columns, weights=values, minlength=x.shape[1])
-        out[1] += np.bincount(columns, weights=values * values, minlength=x.shape[1])
-        out[2] += np.bincount(columns[values != 0], minlength=x.shape[1])
-    return out[0], out[1], out[2]
+    """Column sums, sums of squares and non-zero counts (float64) of a CSR matrix."""
+    return tuple(m[0] for m in _group_moments(x, None, 1, chunk))
 
 
-def _group_moments(x: sp.csr_matrix, codes: np.ndarray, n_groups: int,
-                   chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-    """Per group of rows (``codes``), the column sums and sums of squares of ``x`` (float64,
-    n_groups x genes), from blocks of whole rows holding about ``chunk`` stored entries."""
+def _group_moments(x: sp.csr_matrix, codes: np.ndarray | None, n_groups: int,
+                   chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group of rows (``codes``; one group when None): column sums, sums of squares and
+    non-zero counts of ``x`` (float64, n_groups x genes). Read from blocks of whole rows
+    holding about ``chunk`` stored entries: the memory beyond ``x`` is a few arrays of that
+    length (about 100 MB at the default), whatever the size of ``x``."""
     g = x.shape[1]
-    total = np.zeros(n_groups * g)
-    sq = np.zeros(n_groups * g)
+    out = np.zeros((3, n_groups * g))
     ptr = x.indptr
     bounds = np.unique(np.r_[np.searchsorted(ptr, np.arange(0, x.nnz, chunk), "right") - 1,
                              x.shape[0]])
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         a, b = int(ptr[lo]), int(ptr[hi])
         values = x.data[a:b].astype(np.float64)
-        flat = np.repeat(codes[lo:hi] * g, np.diff(ptr[lo:hi + 1])) + x.indices[a:b]
-        total += np.bincount(flat, weights=values, minlength=n_groups * g)
-        sq += np.bincount(flat, weights=values * values, minlength=n_groups * g)
-    return total.reshape(n_groups, g), sq.reshape(n_groups, g)
+        flat = x.indices[a:b] if codes is None else \
+            np.repeat(codes[lo:hi] * g, np.diff(ptr[lo:hi + 1])) + x.indices[a:b]
+        out[0] += np.bincount(flat, weights=values, minlength=n_groups * g)
+        out[1] += np.bincount(flat, weights=values * values, minlength=n_groups * g)
+        out[2] += np.bincount(flat[values != 0], minlength=n_groups * g)
+    return tuple(m.reshape(n_groups, g) for m in out)
 
 
 def _totals(counts: sp.csr_matrix) -> np.ndarray:
@@ -279,7 +272,7 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
     ind = sp.csr_matrix((np.ones(n), (np.arange(n), codes)), shape=(n, n_groups))
     sizes = _sum(comm, np.asarray(ind.sum(axis=0)).ravel())
     sizes[sizes == 0] = 1
-    total, sq = _group_moments(x, codes, n_groups)
+    total, sq, _ = _group_moments(x, codes, n_groups)
     total, sq = _sum(comm, total), _sum(comm, sq)
     mean = total / sizes[:, None]
     var = np.maximum(sq / sizes[:, None] - mean**2, 0) * (sizes / np.maximum(sizes - 1, 1))[:, None]

@@ -90,7 +90,7 @@ def test_block_statistics_equal_dense_sums():
         np.testing.assert_allclose(total, dense.sum(0))
         np.testing.assert_allclose(sq, (dense ** 2).sum(0))
         np.testing.assert_array_equal(nnz, (dense != 0).sum(0))
-        g_total, g_sq = pp._group_moments(x, codes, 5, chunk=chunk)
+        g_total, g_sq, _ = pp._group_moments(x, codes, 5, chunk=chunk)
         assert g_total.shape == (5, 40)
         for c in range(5):
             np.testing.assert_allclose(g_total[c], dense[codes == c].sum(0), atol=1e-9)
