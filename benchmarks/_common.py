@@ -54,14 +54,16 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
-def timed_cli(args: list[str]):
-    """Run ``args`` under ``/usr/bin/time -v``; exit on failure. Returns (process, wall
-    seconds, peak RSS in GB of the largest process of the tree)."""
+def timed_cli(args: list[str], env: dict | None = None):
+    """Run ``args`` under ``/usr/bin/time -v`` (with ``env`` added to the environment); exit
+    on failure. Returns (process, wall seconds, peak RSS in GB of the largest process of the
+    tree)."""
     import re
     import subprocess
 
     tic = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
     wall = time.perf_counter() - tic
     if proc.returncode:
         raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -65,8 +65,14 @@ def handle_errors(func):
 @click.version_option(package_name="spamask-integrate", prog_name="spamask-integrate")
 @click.option("-v", "--verbose", count=True, help="More log output; tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors, no progress bars.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where compiled scib-metrics kernels are kept between runs (default "
+                   "$SPAMASK_CACHE_DIR, else ~/.cache/spamask-integrate).")
+@click.option("--no-cache", is_flag=True,
+              help="Compile scib-metrics' kernels afresh in this run; keep nothing on disk.")
 @click.pass_context
-def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+def main(ctx: click.Context, verbose: int, quiet: bool, cache_dir: Path | None,
+         no_cache: bool) -> None:
     """Spatial domains and multi-slice integration with SpaMask on DGL.
 
     \b
@@ -75,6 +81,11 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj.update(verbose=verbose, quiet=quiet)
     _setup_logging(verbose, quiet)
+    if not no_cache:
+        from spamask_integrate.utils import enable_compile_cache
+
+        where = enable_compile_cache(cache_dir)
+        logging.getLogger("spamask_integrate").debug("jax compilation cache: %s", where)
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -16,6 +16,7 @@ from .metrics import evaluate, metrics_table
 from .pipeline import run
 from .preprocess import preprocess
 from .train import SpaMask, train
+from .utils import enable_compile_cache
 
 try:
     __version__ = version("spamask-integrate")
@@ -25,6 +26,6 @@ except PackageNotFoundError:  # running from a source tree without install
 __all__ = [
     "ConfigError", "DependencyError", "InputError", "Keys", "ResourceError", "SpaMask",
     "SpamaskConfig", "SpamaskError", "atomic_write", "build_graph", "cluster", "datasets",
-    "evaluate", "integrate", "metrics_table", "preprocess", "read_slices", "refine_labels",
-    "run", "to_dgl", "train", "write_outputs",
+    "enable_compile_cache", "evaluate", "integrate", "metrics_table", "preprocess",
+    "read_slices", "refine_labels", "run", "to_dgl", "train", "write_outputs",
 ]

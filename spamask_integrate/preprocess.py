@@ -7,6 +7,7 @@ randomized PCA on the sparse normalised counts, so memory stays O(nnz + n_spots 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import anndata as ad
@@ -95,46 +96,64 @@ def preprocess(
     # X is rebuilt from the counts below: dropping the old one first keeps one copy of the
     # counts in memory instead of two (the peak of a large or sharded run)
     adata.X = None
-    try:
+    with _counts_in_x_on_failure(adata):  # a slice seurat_v3 cannot fit, say
         adata.layers[Keys.COUNTS] = counts
         if keep.sum() < adata.n_vars:
             logger.info("gene filter: %d of %d genes kept", keep.sum(), adata.n_vars)
             adata._inplace_subset_var(keep)
         counts = adata.layers[Keys.COUNTS]
         hvg = _select_hvgs(adata, batch_key, n_top_genes, comm)
-
         totals = _totals(counts)
-        xh = _normalise(counts if hvg.all() else counts[:, hvg].tocsr(), totals, target_sum,
-                        log1p)  # (no column copy when every gene is kept)
         params = {
             "batch_key": batch_key, "n_top_genes": int(hvg.sum()), "min_cells": min_cells,
             "min_counts": min_counts, "target_sum": float(target_sum), "log1p": bool(log1p),
             "scale": bool(scale), "scale_per_batch": bool(scale_per_batch), "seed": seed,
             "X": f"log1p(counts per {X_TARGET_SUM:g})",
         }
-        if n_comps is None:
-            adata.obsm["X_hvg"] = xh.astype(np.float32)
-            params.update(n_comps=0, input_key="X_hvg")
-        else:
-            n_comps = min(n_comps, xh.shape[1] - 1, _total(comm, adata.n_obs) - 1)
-            codes = adata.obs[batch_key].cat.codes.to_numpy() if scale_per_batch else None
-            n_groups = len(adata.obs[batch_key].cat.categories) if scale_per_batch else 1
-            scores, var_ratio = _scaled_pca(xh, codes, n_comps, scale=scale, seed=seed,
-                                            n_groups=n_groups, comm=comm)
-            adata.obsm[key_added] = scores
-            adata.uns.setdefault("pca", {})["variance_ratio"] = var_ratio
-            params.update(n_comps=int(n_comps), input_key=key_added)
-        del xh  # the model input is done: X below does not coexist with it (one copy less at peak)
+        params.update(_model_input(adata, counts, totals, hvg, batch_key, n_comps,
+                                   target_sum=target_sum, log1p=log1p, scale=scale,
+                                   scale_per_batch=scale_per_batch, seed=seed,
+                                   key_added=key_added, comm=comm))
+        # after the model input's own matrix is freed: the two never coexist (one copy less)
         adata.X = _normalise(counts, totals, X_TARGET_SUM, True)
-    except BaseException:  # (a slice seurat_v3 cannot fit, too many HVGs to shard)
-        if adata.X is None:  # leave the counts in X, as they came
-            adata.X = adata.layers[Keys.COUNTS].copy()
-        raise
     adata.uns["log1p"] = {}  # natural log, as sc.pp.log1p records it (no "base")
     record(adata, "preprocess", params)
     logger.info("preprocess: %d spots, %d HVGs -> obsm[%r]", adata.n_obs, hvg.sum(),
                 params["input_key"])
     return adata if copy else None
+
+
+@contextmanager
+def _counts_in_x_on_failure(adata: ad.AnnData):
+    """Should a step inside fail after ``X`` was dropped, leave the counts in ``X`` again, as
+    they came, rather than an AnnData without ``X``."""
+    try:
+        yield
+    except BaseException:
+        if adata.X is None:
+            adata.X = adata.layers[Keys.COUNTS].copy()
+        raise
+
+
+def _model_input(adata: ad.AnnData, counts: sp.csr_matrix, totals: np.ndarray,
+                 hvg: np.ndarray, batch_key: str, n_comps: int | None, *, target_sum: float,
+                 log1p: bool, scale: bool, scale_per_batch: bool, seed: int, key_added: str,
+                 comm: Collective | None) -> dict:
+    """The normalised HVGs, z-scored into a PCA (``obsm[key_added]``) or kept sparse
+    (``obsm["X_hvg"]`` when ``n_comps`` is None); returns the parameters to record."""
+    xh = _normalise(counts if hvg.all() else counts[:, hvg].tocsr(), totals, target_sum,
+                    log1p)  # (no column copy when every gene is kept)
+    if n_comps is None:
+        adata.obsm["X_hvg"] = xh.astype(np.float32)
+        return {"n_comps": 0, "input_key": "X_hvg"}
+    n_comps = min(n_comps, xh.shape[1] - 1, _total(comm, adata.n_obs) - 1)
+    codes = adata.obs[batch_key].cat.codes.to_numpy() if scale_per_batch else None
+    n_groups = len(adata.obs[batch_key].cat.categories) if scale_per_batch else 1
+    scores, var_ratio = _scaled_pca(xh, codes, n_comps, scale=scale, seed=seed,
+                                    n_groups=n_groups, comm=comm)
+    adata.obsm[key_added] = scores
+    adata.uns.setdefault("pca", {})["variance_ratio"] = var_ratio
+    return {"n_comps": int(n_comps), "input_key": key_added}
 
 
 def _sum(comm: Collective | None, a: np.ndarray) -> np.ndarray:

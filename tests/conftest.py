@@ -21,6 +21,21 @@ requires_dlpfc = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_in_tmp(tmp_path_factory):
+    """The command line keeps jax's compiled kernels in a cache directory: a temporary one
+    here, never the user's ~/.cache."""
+    import os
+
+    before = os.environ.get("SPAMASK_CACHE_DIR")
+    os.environ["SPAMASK_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("SPAMASK_CACHE_DIR", None)
+    else:
+        os.environ["SPAMASK_CACHE_DIR"] = before
+
+
 @pytest.fixture
 def tiny_slices():
     """Two synthetic slices of 300 spots, 120 genes, 4 domains, with a slice effect.

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import anndata as ad
 import pandas as pd
@@ -167,3 +168,44 @@ def test_run_one_atlas_file_split_by_slice_column(tiny_slices, slice_files, tmp_
     _assert_fails(["run", str(tmp_path / "atlas.h5ad"), "--slice-column", "donor", "-o",
                    str(tmp_path / "out2"), "--config", str(config)], 1,
                   "atlas.h5ad: slice column obs['donor'] not found", tmp_path / "out2")
+
+
+_JIT = ("import sys; from spamask_integrate.utils import enable_compile_cache as enable; "
+        "where = enable(sys.argv[1]); import jax, jax.numpy as jnp; "
+        "jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready(); print(where)")
+
+
+def _no_jax_cache_env():
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+
+
+def test_compile_cache_keeps_what_jax_compiles(tmp_path):
+    env = _no_jax_cache_env()
+    res = subprocess.run([sys.executable, "-c", _JIT, str(tmp_path / "c")], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(tmp_path / "c" / "jax")
+    assert any((tmp_path / "c" / "jax").iterdir()), "jax wrote nothing to the cache"
+    # a cache directory the user set for jax is kept, and ours is not created
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "theirs")
+    res = subprocess.run([sys.executable, "-c", _JIT, str(tmp_path / "d")], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(tmp_path / "theirs")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.skipif(shutil.which("spamask-integrate") is None,
+                    reason="console script not installed (pip install -e .)")
+def test_cli_cache_dir_and_no_cache(tmp_path):
+    env = _no_jax_cache_env()
+    args = ["report", str(tmp_path / "absent")]  # any command: the group sets the cache up
+    res = subprocess.run(["spamask-integrate", "-vv", "--cache-dir", str(tmp_path / "c"),
+                          *args], env=env, capture_output=True, text=True)
+    assert f"jax compilation cache: {tmp_path / 'c' / 'jax'}" in res.stderr
+    assert (tmp_path / "c" / "jax").is_dir()
+    res = subprocess.run(["spamask-integrate", "-vv", "--no-cache", *args],
+                         env={**env, "SPAMASK_CACHE_DIR": str(tmp_path / "e")},
+                         capture_output=True, text=True)
+    assert "jax compilation cache" not in res.stderr and not (tmp_path / "e").exists()
