@@ -103,7 +103,8 @@ def study(adata, seed: int, args) -> dict:
         train_seconds += time.perf_counter() - tic
         if epoch + 1 in targets:
             tic = time.perf_counter()
-            adata.obsm["X_spamask"] = inference(model.module, graph, x, torch.device("cpu"),
+            adata.obsm["X_spamask"] = inference(trainer.final_module(), graph, x,
+                                                torch.device("cpu"),
                                                 config.inference_batch_size)
             point = {"epochs": epoch + 1, "budget": (epoch + 1) / default_epochs,
                      "steps": (epoch + 1) * steps_per_epoch,

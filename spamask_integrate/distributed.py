@@ -100,6 +100,7 @@ def worker(input_path: str, output_path: str, config: SpamaskConfig, *,
                                       tiles=training_tiles(adata, config, batch_key),
                                       seed_log=bool(seed_log_path))
         trainer.fit(checkpoint, checkpoint_every)
+        trainer.hand_over()
         if seed_log_path:
             torch.save(trainer.seed_log, f"{seed_log_path}.rank{rank}")
             torch.save({k: v.detach() for k, v in trainer.module.named_parameters()},
@@ -211,6 +212,7 @@ def shard_worker(spec: dict, output_path: str, config: SpamaskConfig) -> None:
                                       tiles=tiles, sharded=True, n_total=n_total)
         tic = time.perf_counter()
         trainer.fit(checkpoint, spec.get("checkpoint_every", 0))
+        trainer.hand_over()
         mark("train")
         embed_and_record(adata, model, graph, batch_key=batch_key, key_added=Keys.EMB,
                          mode=f"{'subgraph' if minibatch else 'full-graph'}-sharded",

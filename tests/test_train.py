@@ -250,3 +250,39 @@ def test_resume_rejects_another_configuration(tiny_prepped, tmp_path):
     with pytest.raises(si.ConfigError, match="mask_rate"):
         si.train(adata, g, seed=0, mask_rate=0.3, checkpoint=tmp_path / "c.pt", resume=True,
                  **FAST)
+
+
+def test_handed_over_weights_are_the_moving_average_of_the_steps(tiny_prepped):
+    from spamask_integrate.train import SpaMask, Trainer, seed_all
+
+    adata, g = tiny_prepped
+    x = adata.obsm["X_pca"].astype(np.float32)
+    for decay in (0.5, 0.0):
+        config = si.SpamaskConfig(epochs=5, seed=3, quiet=True, hidden_dim=32, latent_dim=16,
+                                  edge_decoder_hidden=32, ema_decay=decay)
+        seed_all(3)
+        model = SpaMask(config, x.shape[1])
+        trainer = Trainer(model, g, x, torch.device("cpu"), minibatch=False)
+        steps = []
+        step = trainer._step
+
+        def recording_step(loss):
+            step(loss)
+            steps.append({k: v.detach().clone() for k, v in model.module.state_dict().items()})
+
+        trainer._step = recording_step
+        trainer.fit()
+        trainer.hand_over()
+        final = model.module.state_dict()
+        assert len(steps) == 5
+        for name, value in final.items():
+            if not value.is_floating_point():
+                continue
+            expected = steps[0][name]
+            for s in steps[1:]:  # the first step's weights start the average
+                expected = decay * expected + (1 - decay) * s[name]
+            assert torch.allclose(value, expected, atol=1e-6), name
+        last = steps[-1]["encoder.convs.0.conv.weight"]
+        assert torch.equal(final["encoder.convs.0.conv.weight"], last) == (decay == 0.0)
+    with pytest.raises(si.ConfigError, match="ema_decay"):
+        si.SpamaskConfig(ema_decay=1.0).validate()
