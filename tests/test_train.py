@@ -278,10 +278,12 @@ def test_handed_over_weights_are_the_moving_average_of_the_steps(tiny_prepped):
         for name, value in final.items():
             if not value.is_floating_point():
                 continue
-            expected = steps[0][name]
-            for s in steps[1:]:  # the first step's weights start the average
-                expected = decay * expected + (1 - decay) * s[name]
-            assert torch.allclose(value, expected, atol=1e-6), name
+            if decay == 0.0:
+                expected = steps[-1][name].double()
+            else:  # step s of t weighted by decay ** (t - s), the weights summing to one
+                w = decay ** torch.arange(len(steps) - 1, -1, -1, dtype=torch.float64)
+                expected = sum(wi * st[name].double() for wi, st in zip(w / w.sum(), steps))
+            assert torch.allclose(value.double(), expected, atol=1e-5), name
         last = steps[-1]["encoder.convs.0.conv.weight"]
         assert torch.equal(final["encoder.convs.0.conv.weight"], last) == (decay == 0.0)
     with pytest.raises(si.ConfigError, match="ema_decay"):
