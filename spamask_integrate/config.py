@@ -55,11 +55,10 @@ class SpamaskConfig:
     lr: float = 1e-3  # reference 1e-3
     weight_decay: float = 2e-4  # reference 2e-4
     grad_clip: float = 5.0  # reference 5
-    # the weights training hands over: an exponential moving average of the weights after
-    # every optimiser step with this decay (0: the last weights, as the reference). On the
-    # four DLPFC slices +0.003 +- 0.004 ARI paired over 10 seeds (8 up), and at 10^6 tiled
-    # spots it kept the partition that the last weights lost (benchmarks/README.md,
-    # "Weight averaging").
+    # the weights training hands over: a moving average of the weights of every optimiser
+    # step, step s of t weighted by ema_decay ** (t - s) (0: the last weights, as the
+    # reference). At 10^6 tiled spots it kept the partition the last weights lost (benchmarks/
+    # README.md, "Weight averaging", which also gives the DLPFC seeds).
     ema_decay: float = 0.99
     # "auto" (see train.training_epochs): full_graph_epochs on the whole graph; minibatch
     # training gets budget_steps steps' worth of subgraph_size spots (150: the 100k-spot
