@@ -66,10 +66,12 @@ def handle_errors(func):
 @click.option("-v", "--verbose", count=True, help="More log output; tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors, no progress bars.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where compiled scib-metrics kernels are kept between runs (default "
-                   "$SPAMASK_CACHE_DIR, else ~/.cache/spamask-integrate).")
+              help="Where compiled scib-metrics (jax) and umap (numba) kernels are kept "
+                   "between runs (default $SPAMASK_CACHE_DIR, else "
+                   "~/.cache/spamask-integrate).")
 @click.option("--no-cache", is_flag=True,
-              help="Compile scib-metrics' kernels afresh in this run; keep nothing on disk.")
+              help="Compile scib-metrics' and umap's kernels afresh in this run; keep nothing "
+                   "on disk.")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: bool, cache_dir: Path | None,
          no_cache: bool) -> None:

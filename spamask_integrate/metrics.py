@@ -15,7 +15,8 @@ from sklearn import metrics as skm
 from .cluster import same_slice_neighbours
 from .config import Keys
 from .errors import ConfigError, InputError
-from .utils import batch_codes, exact_knn, h5ad_safe, require_obs, require_obsm
+from .utils import (batch_codes, exact_knn, h5ad_safe, import_with_numba_cache, require_obs,
+                    require_obsm)
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +216,7 @@ def scib_rows(adata: ad.AnnData, keys: list[str], label_key: str, batch_key: str
               pre_integrated_key: str | None, max_spots: int, seed: int,
               labels_are_domains: bool = False) -> list[dict]:
     """scib-metrics Benchmarker totals and single metrics for each embedding in ``keys``."""
-    from scib_metrics.benchmark import Benchmarker
-
+    Benchmarker = import_with_numba_cache("scib_metrics.benchmark").Benchmarker
     if max_spots < 50:
         raise ConfigError(f"scib_max_spots={max_spots}: must be at least 50")
     idx = stratified_sample(batch_codes(adata, batch_key), max_spots, seed)

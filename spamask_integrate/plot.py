@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .config import Keys
-from .utils import exact_knn, require_obs, require_obsm
+from .utils import exact_knn, import_with_numba_cache, require_obs, require_obsm
 
 
 def _palette(n: int) -> list:
@@ -91,8 +91,7 @@ def umap(adata: ad.AnnData, use_rep: str = Keys.EMB, color: tuple[str, ...] = (K
 
     Computed on a seeded sample of at most ``max_spots`` spots (and not stored).
     """
-    import umap as umap_learn
-
+    umap_learn = import_with_numba_cache("umap")
     require_obsm(adata, use_rep)
     for key in color:
         require_obs(adata, key)

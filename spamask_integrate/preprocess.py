@@ -349,9 +349,14 @@ def _gram_pca(scaled, n: int, g: int, ind: sp.csr_matrix, shift: np.ndarray,
     rows = max(256, min(chunk, (1 << 22) // max(g, 1)))
     for lo in range(0, n, rows):
         # the block's product in float32 (twice the BLAS speed; relative error ~1e-7 of the
-        # largest entry), summed over blocks in float64
+        # largest entry), summed over blocks in float64. scipy's BLAS, not numpy's `z.T @ z`:
+        # a symmetric rank-k update computes half the products, and numpy<2's bundled
+        # OpenBLAS 0.3.23 does not recognise recent Intel CPUs (Sapphire Rapids) and falls
+        # back to its oldest kernels: 0.09 s against 0.46 s per 1,398 x 3,000 block on the
+        # 2-core machine. The upper triangle is summed, the lower filled in once at the end.
         z = (scaled(lo, lo + rows).toarray() - ind[lo:lo + rows] @ shift).astype(np.float32)
-        gram += z.T @ z
+        gram += scipy.linalg.blas.ssyrk(1.0, z.T, trans=0)
+    gram = np.triu(gram) + np.triu(gram, 1).T
     gram = _sum(comm, gram)
     # only the top n_comps eigenpairs (LAPACK's MRRR driver on the subset): the full
     # decomposition of a 5,000 x 5,000 Gram matrix costs several times as much

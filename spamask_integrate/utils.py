@@ -101,36 +101,48 @@ def default_cache_dir() -> Path:
 
 
 def enable_compile_cache(path: str | Path | None = None) -> Path | None:
-    """Keep what jax compiles for scib-metrics on disk, under ``path/jax``, so that the next
-    process scoring the same shapes loads it instead of compiling again.
+    """Keep what jax and numba compile for scoring and figures on disk, under ``path/jax`` and
+    ``path/numba``, so that the next process loads it instead of compiling again.
 
     scib-metrics' metrics are jax functions compiled for the shapes of the scored sample; in a
-    fresh process that compiling costs about 20-25 s on 2 cores, in every run. With the cache a
-    second run on the same data (the same sample size) skips most of it; the scores do not
-    change. jax keys each entry by the function, the shapes, its version and the machine, so a
-    stale entry is never used. The entries take about 2 MB per sample size. Every compiled
-    function is kept (jax's own default keeps only those compiling for over a second, which
-    leaves out nearly all of scib's).
+    fresh process that compiling costs about 20-25 s on 2 cores, in every run. umap-learn and
+    pynndescent (imported by scib-metrics, and by the UMAP figure) compile about 50 numba
+    kernels at import or first call and keep none of them: about 15 s more per process. With
+    the cache a second run skips most of both (:func:`import_with_numba_cache`); the scores
+    and figures do not change. jax keys each entry by the function, the shapes, its version
+    and the machine, numba by the source file and the machine, so a stale entry is never
+    used. The entries take a few MB. Every compiled jax function is kept (jax's own default
+    keeps only those compiling for over a second, which leaves out nearly all of scib's).
 
-    Process-wide, as jax's setting is: the command line calls it (``--cache-dir``,
-    ``--no-cache``); from Python, call it before :func:`spamask_integrate.evaluate`.
-    ``path`` defaults to :func:`default_cache_dir`. A cache directory already set for jax
-    (``JAX_COMPILATION_CACHE_DIR``, or ``jax.config``) is kept. Returns the directory jax
-    uses, or ``None`` when ``path`` cannot be created (then nothing changes).
+    Process-wide, as jax's and numba's settings are: the command line calls it
+    (``--cache-dir``, ``--no-cache``); from Python, call it before
+    :func:`spamask_integrate.evaluate`. ``path`` defaults to :func:`default_cache_dir`. A
+    cache directory already set for jax (``JAX_COMPILATION_CACHE_DIR``, or ``jax.config``) or
+    numba (``NUMBA_CACHE_DIR``) is kept. Returns the directory jax uses, or ``None`` when
+    ``path`` cannot be created (then nothing changes).
     """
     import os
     import sys
 
+    base = Path(path).expanduser() if path is not None else default_cache_dir()
     jax = sys.modules.get("jax")  # once imported, jax has read its flags from the environment
     own = jax.config.jax_compilation_cache_dir if jax else os.environ.get(
         "JAX_COMPILATION_CACHE_DIR")
+    ours = {"jax": None if own else base / "jax",
+            "numba": None if os.environ.get("NUMBA_CACHE_DIR") else base / "numba"}
+    try:
+        for where in ours.values():
+            if where is not None:
+                where.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return Path(own) if own else None
+    if ours["numba"] is not None:
+        os.environ["NUMBA_CACHE_DIR"] = str(ours["numba"])
+        if "numba" in sys.modules:  # numba read its environment at import
+            sys.modules["numba"].config.CACHE_DIR = str(ours["numba"])
     if own:
         return Path(own)
-    target = (Path(path).expanduser() if path is not None else default_cache_dir()) / "jax"
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
+    target = ours["jax"]
     if jax is not None:
         jax.config.update("jax_compilation_cache_dir", str(target))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -140,3 +152,38 @@ def enable_compile_cache(path: str | Path | None = None) -> Path | None:
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     return target
+
+
+def import_with_numba_cache(name: str):
+    """``importlib.import_module(name)``; when numba has a cache directory
+    (:func:`enable_compile_cache`, or ``NUMBA_CACHE_DIR``), the numba kernels that the
+    import defines are cached on disk.
+
+    umap-learn and pynndescent define most of their kernels without numba's ``cache=True``
+    (pynndescent compiles its distance functions eagerly, at import), so every process
+    compiles them again. During this import only, ``numba.njit`` and ``numba.jit`` default to
+    ``cache=True``: the same code, compiled once per machine. A module imported before is
+    returned as it is.
+    """
+    import importlib
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    import numba
+
+    if not numba.config.CACHE_DIR:
+        return importlib.import_module(name)
+    originals = numba.njit, numba.jit
+
+    def cached(decorator):
+        def wrapper(*args, **kwargs):
+            kwargs.setdefault("cache", True)
+            return decorator(*args, **kwargs)
+        return wrapper
+
+    numba.njit, numba.jit = cached(numba.njit), cached(numba.jit)
+    try:
+        return importlib.import_module(name)
+    finally:
+        numba.njit, numba.jit = originals

@@ -177,7 +177,8 @@ _JIT = ("import sys; from spamask_integrate.utils import enable_compile_cache as
 
 def _no_jax_cache_env():
     return {k: v for k, v in os.environ.items()
-            if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+            if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE",
+                                 "NUMBA_CACHE_DIR"))}
 
 
 def test_compile_cache_keeps_what_jax_compiles(tmp_path):
@@ -193,7 +194,37 @@ def test_compile_cache_keeps_what_jax_compiles(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(tmp_path / "theirs")
-    assert not (tmp_path / "d").exists()
+    assert not (tmp_path / "d" / "jax").exists()
+
+
+# a module whose numba kernel is defined without cache=True, as umap's and pynndescent's are
+_NUMBA_MODULE = "import numba\n\n@numba.njit\ndef plus_one(x):\n    return x + 1\n"
+_NUMBA = ("import sys; sys.path.insert(0, sys.argv[2]); from spamask_integrate.utils import "
+          "enable_compile_cache, import_with_numba_cache; "
+          "sys.argv[1] != '-' and enable_compile_cache(sys.argv[1]); "
+          "import numba; before = numba.njit; m = import_with_numba_cache('kernels'); "
+          "assert numba.njit is before, 'decorator not restored'; "
+          "assert m.plus_one(1.0) == 2.0; "
+          "print(sum(m.plus_one.stats.cache_hits.values()))")
+
+
+def test_compile_cache_keeps_the_numba_kernels_an_import_defines(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "kernels.py").write_text(_NUMBA_MODULE)
+    env = _no_jax_cache_env()
+
+    def loaded_from_cache(cache: str) -> int:
+        res = subprocess.run([sys.executable, "-c", _NUMBA, cache, str(tmp_path / "src")],
+                             env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        return int(res.stdout.strip())
+
+    assert loaded_from_cache("-") == 0  # no cache asked for: compiled, nothing kept
+    assert loaded_from_cache("-") == 0
+    assert not list((tmp_path / "src").rglob("*.nbi"))
+    assert loaded_from_cache(str(tmp_path / "c")) == 0  # compiled and kept
+    assert list((tmp_path / "c" / "numba").rglob("*.nbi"))
+    assert loaded_from_cache(str(tmp_path / "c")) == 1  # the next process loads it
 
 
 @pytest.mark.skipif(shutil.which("spamask-integrate") is None,
