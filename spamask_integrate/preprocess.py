@@ -276,7 +276,7 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
 
     z = x * inv_sd[group] - mean[group] * inv_sd[group]. Up to ``_GRAM_MAX_GENES`` genes the
     Gram matrix z.T z is accumulated over chunks of ``chunk`` spots and eigen-decomposed
-    (exact up to float32 products within a chunk); above, the operator is applied implicitly in a seeded randomized SVD (Halko et
+    (products and sums in float64); above, the operator is applied implicitly in a seeded randomized SVD (Halko et
     al.). Memory beyond ``x`` stays at a few dense chunks (chunk x genes) and, above
     ``_GRAM_MAX_GENES`` genes, one float64 copy of ``x``: nothing grows with the non-zeros
     times a 64-bit index.
@@ -348,14 +348,15 @@ def _gram_pca(scaled, n: int, g: int, ind: sp.csr_matrix, shift: np.ndarray,
     # small shard's peak memory
     rows = max(256, min(chunk, (1 << 22) // max(g, 1)))
     for lo in range(0, n, rows):
-        # the block's product in float32 (twice the BLAS speed; relative error ~1e-7 of the
-        # largest entry), summed over blocks in float64. scipy's BLAS, not numpy's `z.T @ z`:
-        # a symmetric rank-k update computes half the products, and numpy<2's bundled
-        # OpenBLAS 0.3.23 does not recognise recent Intel CPUs (Sapphire Rapids) and falls
-        # back to its oldest kernels: 0.09 s against 0.46 s per 1,398 x 3,000 block on the
-        # 2-core machine. The upper triangle is summed, the lower filled in once at the end.
-        z = (scaled(lo, lo + rows).toarray() - ind[lo:lo + rows] @ shift).astype(np.float32)
-        gram += scipy.linalg.blas.ssyrk(1.0, z.T, trans=0)
+        # each block's product in float64 through scipy's BLAS (a symmetric rank-k update, half
+        # the products; the upper triangle is summed and the lower filled in at the end).
+        # numpy's `z.T @ z` in float32 was slower and less exact: numpy<2's bundled OpenBLAS
+        # 0.3.23 does not recognise recent Intel CPUs (Sapphire Rapids) and runs its oldest
+        # kernels (per 1,398 x 3,000 block on the 2-core machine: 0.46 s, against 0.19 s for
+        # this float64 update), and float32 rounding made a sharded run's trailing components
+        # differ from one process's by 1e-4
+        z = scaled(lo, lo + rows).toarray() - ind[lo:lo + rows] @ shift
+        gram += scipy.linalg.blas.dsyrk(1.0, z.T, trans=0)
     gram = np.triu(gram) + np.triu(gram, 1).T
     gram = _sum(comm, gram)
     # only the top n_comps eigenpairs (LAPACK's MRRR driver on the subset): the full

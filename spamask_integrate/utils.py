@@ -167,6 +167,7 @@ def import_with_numba_cache(name: str):
     """
     import importlib
     import sys
+    import warnings
 
     if name in sys.modules:
         return sys.modules[name]
@@ -174,6 +175,10 @@ def import_with_numba_cache(name: str):
 
     if not numba.config.CACHE_DIR:
         return importlib.import_module(name)
+    # a few of their kernels use global arrays, which numba cannot cache: it then compiles
+    # them as before, and its warning (at their first call) is only noise
+    warnings.filterwarnings("ignore", message=".*Cannot cache compiled function",
+                            category=numba.NumbaWarning, module=".*(umap|pynndescent)")
     originals = numba.njit, numba.jit
 
     def cached(decorator):
