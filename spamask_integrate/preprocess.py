@@ -276,8 +276,8 @@ def _scaled_pca(x: sp.csr_matrix, codes: np.ndarray | None, n_comps: int, *, sca
 
     z = x * inv_sd[group] - mean[group] * inv_sd[group]. Up to ``_GRAM_MAX_GENES`` genes the
     Gram matrix z.T z is accumulated over chunks of ``chunk`` spots and eigen-decomposed
-    (products and sums in float64); above, the operator is applied implicitly in a seeded randomized SVD (Halko et
-    al.). Memory beyond ``x`` stays at a few dense chunks (chunk x genes) and, above
+    (products and sums in float64); above, the operator is applied implicitly in a seeded
+    randomized SVD (Halko et al.). Memory beyond ``x`` stays at a few dense chunks (chunk x genes) and, above
     ``_GRAM_MAX_GENES`` genes, one float64 copy of ``x``: nothing grows with the non-zeros
     times a 64-bit index.
 
@@ -357,7 +357,7 @@ def _gram_pca(scaled, n: int, g: int, ind: sp.csr_matrix, shift: np.ndarray,
         # differ from one process's by 1e-4
         z = scaled(lo, lo + rows).toarray() - ind[lo:lo + rows] @ shift
         gram += scipy.linalg.blas.dsyrk(1.0, z.T, trans=0)
-    gram = np.triu(gram) + np.triu(gram, 1).T
+    gram += np.triu(gram, 1).T  # the lower triangle is still zero: one g x g temporary
     gram = _sum(comm, gram)
     # only the top n_comps eigenpairs (LAPACK's MRRR driver on the subset): the full
     # decomposition of a 5,000 x 5,000 Gram matrix costs several times as much
