@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -80,14 +81,25 @@ def main(ctx: click.Context, verbose: int, quiet: bool, cache_dir: Path | None,
     \b
     Start with:  spamask-integrate demo -o demo_out
     """
+    from .blas import choose_openblas_kernels
+
+    core = choose_openblas_kernels()  # first: before anything loads numpy's OpenBLAS
     ctx.ensure_object(dict)
     ctx.obj.update(verbose=verbose, quiet=quiet)
     _setup_logging(verbose, quiet)
+    log = logging.getLogger("spamask_integrate")
+    if log.isEnabledFor(logging.DEBUG):
+        from spamask_integrate.utils import numpy_blas
+
+        how = (f"OPENBLAS_CORETYPE={core} set from the CPU's flags" if core else
+               "OPENBLAS_CORETYPE as the user set it" if "OPENBLAS_CORETYPE" in os.environ
+               else "OpenBLAS's own choice")
+        log.debug("numpy's BLAS: %s (%s)", numpy_blas(), how)
     if not no_cache:
         from spamask_integrate.utils import enable_compile_cache
 
         where = enable_compile_cache(cache_dir)
-        logging.getLogger("spamask_integrate").debug("jax compilation cache: %s", where)
+        log.debug("jax compilation cache: %s", where)
 
 
 # ------------------------------------------------------------------------------------ helpers

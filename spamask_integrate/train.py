@@ -288,10 +288,11 @@ def versions() -> dict[str, str]:
     import sklearn
 
     from . import __version__
+    from .utils import numpy_blas
 
     return {"spamask_integrate": __version__, "torch": str(torch.__version__),
             "dgl": str(dgl.__version__),
-            "numpy": np.__version__, "sklearn": sklearn.__version__,
+            "numpy": np.__version__, "numpy_blas": numpy_blas(), "sklearn": sklearn.__version__,
             "python": platform.python_version()}
 
 

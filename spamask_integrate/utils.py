@@ -89,6 +89,20 @@ def exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ind, dist
 
 
+def numpy_blas() -> str:
+    """numpy's BLAS and the kernels it runs, e.g. ``"openblas 0.3.23.dev SkylakeX"``, read with
+    threadpoolctl. The kernel family changes the rounding of every numpy product, so runs
+    record it beside the package versions; the command line chooses it from the CPU
+    (``cli/blas.py``, ``OPENBLAS_CORETYPE``)."""
+    from threadpoolctl import threadpool_info
+
+    for info in threadpool_info():
+        if info.get("user_api") == "blas" and "numpy" in str(info.get("filepath", "")):
+            return " ".join(str(info[k]) for k in ("internal_api", "version", "architecture")
+                            if info.get(k))
+    return "unknown"
+
+
 def default_cache_dir() -> Path:
     """``$SPAMASK_CACHE_DIR``, else ``$XDG_CACHE_HOME/spamask-integrate``, else
     ``~/.cache/spamask-integrate``."""
