@@ -56,7 +56,7 @@ def test_the_command_line_runs_numpy_on_the_kernels_it_chose(tmp_path):
     args = ["spamask-integrate", "-vv", "--no-cache", "report", str(tmp_path / "absent")]
     res = subprocess.run(args, env=env, capture_output=True, text=True)
     chosen = coretype_for(cpu_flags())
-    assert f"numpy's BLAS: openblas " in res.stderr, res.stderr
+    assert "numpy's BLAS: openblas " in res.stderr, res.stderr
     line = next(x for x in res.stderr.splitlines() if x.startswith("numpy's BLAS"))
     # OpenBLAS reports the family it loaded: the one chosen from the flags
     assert line.split(" (")[0].endswith(chosen) and "set from the CPU's flags" in line, line

@@ -155,3 +155,41 @@ def test_kbet_diffusion_neighbours_exact_inside_scib_only(monkeypatch):
     monkeypatch.setattr(module, "pynndescent", lambda d, n_neighbors, **kw:
                         exact(d, n_neighbors))
     assert scib_metrics.kbet_per_label(graph, batches, labels) == pytest.approx(score)
+
+
+def test_silhouettes_by_matrix_products_inside_scib_only(monkeypatch):
+    """Inside the block scib's silhouettes take their distances from matrix products (also
+    far from the origin, where uncentred float32 products would cancel), give the scores the
+    pairwise form gives, and scib is left as it was after."""
+    import scib_metrics
+    from scib_metrics.utils import _silhouette
+    from scipy.spatial.distance import cdist
+
+    from spamask_integrate import metrics
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(240, 40)) + 500.0).astype(np.float32)  # far from the origin
+    d = np.asarray(metrics._matmul_cdist(x[:50], x))
+    assert np.abs(d - cdist(x[:50].astype(np.float64), x)).max() < 1e-4
+    assert (np.diag(d[:, :50]) == 0).all()  # a spot and itself: 0, not sqrt(rounding)
+    labels = np.repeat(["u", "v", "w"], 80)
+    x[labels == "v"] += 1.5
+    batches = np.tile(["a", "b"], 120)
+    stock = _silhouette.cdist
+    pairwise = (scib_metrics.silhouette_label(x, labels),
+                scib_metrics.silhouette_batch(x, labels, batches))
+    calls = []
+    matmul = metrics._matmul_cdist
+
+    def spy(a, b):
+        calls.append(a.shape)
+        return matmul(a, b)
+
+    monkeypatch.setattr(metrics, "_matmul_cdist", spy)
+    with metrics._matmul_silhouette_distances():
+        fast = (scib_metrics.silhouette_label(x, labels),
+                scib_metrics.silhouette_batch(x, labels, batches))
+    assert calls  # the silhouettes went through the matrix-product distances
+    assert fast == pytest.approx(pairwise, abs=1e-5)
+    assert 0.55 < fast[0] < 0.7  # "v" is apart: the score is not a constant
+    assert _silhouette.cdist is stock
