@@ -9,9 +9,10 @@ PCA's eigendecomposition, Harmony, the Gaussian mixtures of the domain caller.
 OpenBLAS reads ``OPENBLAS_CORETYPE`` once, when the library loads. The command line sets it
 from the instruction sets the CPU reports, before anything imports numpy:
 ``SkylakeX`` (AVX-512 F/CD/BW/DQ/VL) or ``Haswell`` (AVX2 and FMA), the kernel families
-OpenBLAS itself uses for such CPUs. A value the user set, even an empty one (OpenBLAS then
-detects the CPU itself), is kept. Nothing is set off Linux/x86-64 or when numpy is already
-loaded (then it would only leak into child processes without changing this one).
+OpenBLAS itself uses for such CPUs. A value the user set is kept, whatever it is (to run
+numpy as before, set the family OpenBLAS detected, e.g. ``OPENBLAS_CORETYPE=Prescott``).
+Nothing is set off Linux/x86-64 or when numpy is already loaded (then it would only leak
+into child processes without changing this one).
 
 This module imports nothing beyond the standard library, so the command line can call it
 first.

@@ -34,7 +34,7 @@ def test_cpu_flags_reads_the_first_flags_line(tmp_path):
 def test_a_users_value_is_kept_and_a_loaded_numpy_is_not_touched():
     env = {"OPENBLAS_CORETYPE": "Prescott"}
     assert choose_openblas_kernels(env) is None and env == {"OPENBLAS_CORETYPE": "Prescott"}
-    env = {"OPENBLAS_CORETYPE": ""}  # empty: OpenBLAS detects alone, as the user asked
+    env = {"OPENBLAS_CORETYPE": ""}  # whatever the user set, even nothing
     assert choose_openblas_kernels(env) is None and env == {"OPENBLAS_CORETYPE": ""}
     assert "numpy" in sys.modules  # pytest's process: too late to choose, so nothing is set
     env = {}
