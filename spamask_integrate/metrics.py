@@ -300,10 +300,10 @@ def _matmul_silhouette_distances():
 
     scib-metrics computes each silhouette's pairwise distances as a map of
     ``sqrt(sum((x - y) ** 2))`` over every pair, which never reaches a matrix-product
-    kernel: on a 4,399-spot sample of the four DLPFC slices, 11-14 s per 200- or 256-d
-    embedding for ``silhouette_label`` alone. Inside this block the distances come from
-    ``|x|^2 + |y|^2 - 2 x.y`` on centred data (:func:`_matmul_cdist`; 0.2-0.6 s there, the
-    scores equal to 7e-7). Silhouette label, silhouette batch and isolated labels all go
+    kernel: on a 4,399-spot sample of the four DLPFC slices, 6-8 s per 200- or 256-d
+    embedding for ``silhouette_label`` alone (2 threads). Inside this block the distances
+    come from ``|x|^2 + |y|^2 - 2 x.y`` on centred data (:func:`_matmul_cdist`; 0.1-0.5 s
+    there, the same scores). Silhouette label, silhouette batch and isolated labels all go
     through it. Cosine distances, and a scib-metrics release that moves the function, are
     left as they are.
     """
