@@ -7,7 +7,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture
 
 import spamask_integrate as si
-from spamask_integrate.model import SpaMaskModule, sce_loss
+from spamask_integrate.model import PReLU, SpaMaskModule, _PReLUFunction, sce_loss
 from spamask_integrate.sampling import EdgeMasker, NegativeSampler, rows_of
 from spamask_integrate.train import gcn_norms, inference
 
@@ -74,6 +74,29 @@ def test_sce_loss():
     x = torch.randn(4, 3)
     assert float(sce_loss(x, 2 * x, 2.0)) == pytest.approx(0.0, abs=1e-6)
     assert float(sce_loss(x, -x, 2.0)) == pytest.approx(4.0, rel=1e-5)
+
+
+def test_prelu_matches_torch_bit_for_bit():
+    """The encoder's PReLU (a faster backward) gives nn.PReLU's outputs and gradients exactly,
+    at x == 0 and with a negative slope too, so training repeats the old runs bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(700, 96, generator=gen)
+    x[0, :10] = 0.0
+    grad = torch.randn(700, 96, generator=gen)
+    for slope in (0.25, -0.7):
+        ours, theirs = PReLU(slope), torch.nn.PReLU(init=slope)
+        results = []
+        for module in (ours, theirs):
+            xi = x.clone().requires_grad_()
+            out = module(xi)
+            out.backward(grad)
+            results.append((out.detach(), xi.grad, module.weight.grad))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+        assert ours.weight.shape == theirs.weight.shape == (1,)
+    x64 = torch.randn(30, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    a64 = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_PReLUFunction.apply, (x64, a64))
 
 
 def test_loss_decreases_and_domains_recovered(tiny_prepped):
