@@ -48,14 +48,15 @@ class _PReLUFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, a = ctx.saved_tensors
         grad_x = grad_a = None
-        # two full-size temporaries, the rest in place: on CPU a fresh activation-sized tensor
-        # costs more in page faults than the arithmetic on it
+        # besides the returned gradient, two activation-sized temporaries (clamp, sign); the
+        # rest in place: on CPU a fresh tensor of that size costs more in page faults than
+        # the arithmetic on it
         if ctx.needs_input_grad[1]:
             # the terms and the reduction torch's autograd uses for PReLU's broadcast slope
             # (x * g where x <= 0, else 0; summed over every dimension), so training is
             # bit-for-bit what it was with nn.PReLU
-            grad_a = x.clamp(max=0).mul_(grad).sum(dim=tuple(range(x.dim())), keepdim=True)
-            grad_a = grad_a.reshape(a.shape)
+            grad_a = x.clamp(max=0).mul_(grad).sum(dim=tuple(range(x.dim())),
+                                                   keepdim=True).reshape(a.shape)
         if ctx.needs_input_grad[0]:
             # +1 where x > 0, -1 where x <= 0 (x = 0 too, as in torch's PReLU); prelu(sign) *
             # sign is then exactly 1 or a, without torch.where (slow on CPU in torch 2.2)
