@@ -103,6 +103,18 @@ def numpy_blas() -> str:
     return "unknown"
 
 
+def blas_threads() -> int:
+    """How many threads numpy's BLAS runs now (its current limit, which OMP_NUM_THREADS,
+    OPENBLAS_NUM_THREADS or threadpoolctl set; at least 1). Steps that run independent numpy
+    work side by side use this many Python threads, so a user's thread limit holds there too."""
+    from threadpoolctl import threadpool_info
+
+    for info in threadpool_info():
+        if info.get("user_api") == "blas" and "numpy" in str(info.get("filepath", "")):
+            return max(1, int(info.get("num_threads") or 1))
+    return 1
+
+
 def default_cache_dir() -> Path:
     """``$SPAMASK_CACHE_DIR``, else ``$XDG_CACHE_HOME/spamask-integrate``, else
     ``~/.cache/spamask-integrate``."""

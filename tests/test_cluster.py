@@ -86,6 +86,27 @@ def test_caller_gives_one_answer_for_every_seed(noisy_layers):
     assert all(np.array_equal(answers[0], other) for other in answers[1:])
 
 
+def test_starts_side_by_side_equal_one_after_another(noisy_layers):
+    """The caller fits its starts in threads, one BLAS thread each: every fit must be the
+    fit of its seed alone, whatever runs beside it and however many threads run."""
+    from threadpoolctl import threadpool_limits
+
+    from spamask_integrate.mixture import fit_gmm, fit_starts, start_seeds
+
+    a, _ = noisy_layers
+    x = a.obsm["X_emb"].astype(np.float64)
+    seeds = start_seeds(0, 6)
+    with threadpool_limits(limits=1):
+        alone = [fit_gmm(x, 4, "EEE", s) for s in seeds]
+    for limit in (1, 2):  # one worker, then two side by side
+        with threadpool_limits(limits=limit, user_api="blas"):
+            together = fit_starts(x, 4, "EEE", seeds)
+        for one, other in zip(alone, together):
+            assert np.array_equal(one.means_, other.means_)
+            assert np.array_equal(one.precisions_cholesky_, other.precisions_cholesky_)
+            assert one.n_iter_ == other.n_iter_
+
+
 def test_caller_does_not_depend_on_the_order_of_slices(noisy_layers):
     a, _ = noisy_layers
     si.cluster(a, 4, use_rep="X_emb", seed=0)
