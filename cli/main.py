@@ -219,7 +219,7 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
 @click.option("--k", type=int, default=None, help="Neighbours per spot [platform preset].")
 @click.option("--radius", type=float, default=None, help="Radius for --graph radius.")
 @click.option("--epochs", default=None,
-              help="Training epochs, or 'auto': 150 full-graph epochs up to 16,384 spots, "
+              help="Training epochs, or 'auto': 100 full-graph epochs up to 16,384 spots, "
                    "150 steps of 16,384 spots on larger data [auto].")
 @click.option("--minibatch", "mode", flag_value="minibatch",
               help="Train on parts of the graph (see --sampler).")

@@ -63,11 +63,12 @@ class SpamaskConfig:
     # "auto" (see train.training_epochs): full_graph_epochs on the whole graph; minibatch
     # training gets budget_steps steps' worth of subgraph_size spots (150: the 100k-spot
     # convergence study plateaus from 84 steps); an int trains that many epochs.
-    # Reference: 1000 epochs (multi-slice run). Full graph 150: on the four DLPFC slices
-    # 150 epochs score 0.579 +- 0.010 against 0.581 +- 0.014 after 300 (6 seeds, paired
-    # difference -0.002 +- 0.008; benchmarks/README.md "Training budget").
+    # Reference: 1000 epochs (multi-slice run). Full graph 100: on the four DLPFC slices,
+    # 10 seeds each, 100 epochs score 0.587 +- 0.011, 120 epochs 0.587 +- 0.005 and 150
+    # 0.578 +- 0.021 (benchmarks/README.md "Training budget"); 100 keeps the default run of
+    # the four slices within 2 minutes on 2 cores.
     epochs: int | str = "auto"
-    full_graph_epochs: int = 150
+    full_graph_epochs: int = 100
     budget_steps: int = 150
     seed: int = 2023  # reference 2023
     # early stopping on a loss plateau (patience 0 disables it)

@@ -87,7 +87,7 @@ def gcn_norms(graph, deg: torch.Tensor | None = None) -> tuple[torch.Tensor, tor
 def training_epochs(config: SpamaskConfig, n_obs: int, minibatch: bool) -> int:
     """Epochs a run trains for: ``config.epochs``, or with ``"auto"`` a budget of spot visits.
 
-    ``"auto"``: full-graph training runs ``full_graph_epochs`` (150) epochs while the graph
+    ``"auto"``: full-graph training runs ``full_graph_epochs`` (100) epochs while the graph
     fits one step (``subgraph_size`` spots, as the four DLPFC slices do). Minibatch training
     gets ``budget_steps`` (150) steps' worth of ``subgraph_size`` spots, i.e.
     ``ceil(budget_steps x subgraph_size / n_obs)`` epochs: 25 at 100,000 spots, 3 at 10^6, so

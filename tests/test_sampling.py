@@ -106,10 +106,10 @@ def test_subgraph_training_is_seeded_and_learns(tiny_prepped):
 def test_auto_epochs_budget():
     c = si.SpamaskConfig()
     assert c.epochs == "auto"
-    assert training_epochs(c, 11_380, minibatch=False) == 150  # the DLPFC slices
+    assert training_epochs(c, 11_380, minibatch=False) == 100  # the DLPFC slices
     assert training_epochs(c, 1_000_000, minibatch=True) == 3  # 150 steps of 16,384 spots
     assert training_epochs(c, 100_000, minibatch=True) == 25
-    assert training_epochs(c, 100_000, minibatch=False) == 25  # 150 x 16,384 spot visits
+    assert training_epochs(c, 100_000, minibatch=False) == 17  # 100 x 16,384 spot visits
     assert training_epochs(c.replace(epochs=7), 1_000_000, minibatch=True) == 7
     assert training_epochs(c.replace(budget_steps=10, subgraph_size=100), 1_000, True) == 1
     with pytest.raises(si.errors.ConfigError, match="epochs"):
