@@ -52,6 +52,24 @@ def test_deterministic(tiny_slices):
     assert np.array_equal(tiny_slices.obsm["X_pca"], b.obsm["X_pca"])
 
 
+def test_pca_projection_split_into_threads_changes_no_bit(monkeypatch):
+    """The PCA scores are projected in row blocks, one per thread: 1, 2 or 3 threads must give
+    the same scores, bit for bit."""
+    import importlib
+
+    pre = importlib.import_module("spamask_integrate.preprocess")
+    rng = np.random.default_rng(0)
+    x = sp.random(3001, 80, density=0.2, format="csr", random_state=rng, dtype=np.float32)
+    codes = np.repeat([0, 1, 2], [1000, 1000, 1001])
+    results = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(pre, "blas_threads", lambda w=workers: w)
+        results.append(pre._scaled_pca(x, codes, 12, scale=True, seed=0, n_groups=3))
+    for scores, ratio in results[1:]:
+        assert np.array_equal(scores, results[0][0]) and np.array_equal(ratio, results[0][1])
+    assert results[0][0].shape == (3001, 12) and np.isfinite(results[0][0]).all()
+
+
 def test_errors(tiny_slices):
     with pytest.raises(si.InputError, match="min_cells"):
         si.preprocess(tiny_slices.copy(), min_cells=10_000)
