@@ -94,25 +94,24 @@ def numpy_blas() -> str:
     threadpoolctl. The kernel family changes the rounding of every numpy product, so runs
     record it beside the package versions; the command line chooses it from the CPU
     (``cli/blas.py``, ``OPENBLAS_CORETYPE``)."""
-    from threadpoolctl import threadpool_info
-
-    for info in threadpool_info():
-        if info.get("user_api") == "blas" and "numpy" in str(info.get("filepath", "")):
-            return " ".join(str(info[k]) for k in ("internal_api", "version", "architecture")
-                            if info.get(k))
-    return "unknown"
+    info = _numpy_blas_info()
+    return " ".join(str(info[k]) for k in ("internal_api", "version", "architecture")
+                    if info.get(k)) or "unknown"
 
 
 def blas_threads() -> int:
     """How many threads numpy's BLAS runs now (its current limit, which OMP_NUM_THREADS,
     OPENBLAS_NUM_THREADS or threadpoolctl set; at least 1). Steps that run independent numpy
     work side by side use this many Python threads, so a user's thread limit holds there too."""
+    return max(1, int(_numpy_blas_info().get("num_threads") or 1))
+
+
+def _numpy_blas_info() -> dict:
+    """threadpoolctl's record of the BLAS numpy loaded (empty when it finds none)."""
     from threadpoolctl import threadpool_info
 
-    for info in threadpool_info():
-        if info.get("user_api") == "blas" and "numpy" in str(info.get("filepath", "")):
-            return max(1, int(info.get("num_threads") or 1))
-    return 1
+    return next((info for info in threadpool_info() if info.get("user_api") == "blas"
+                 and "numpy" in str(info.get("filepath", ""))), {})
 
 
 def default_cache_dir() -> Path:
