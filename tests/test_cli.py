@@ -227,6 +227,24 @@ def test_compile_cache_keeps_the_numba_kernels_an_import_defines(tmp_path):
     assert loaded_from_cache(str(tmp_path / "c")) == 1  # the next process loads it
 
 
+def test_signature_kernels_of_lazy_packages_compile_at_first_call(tmp_path, monkeypatch):
+    numba = pytest.importorskip("numba")
+    from spamask_integrate.utils import import_with_numba_cache
+
+    body = "import numba\n\n@numba.njit('f8(f8)')\ndef plus_one(x):\n    return x + 1\n"
+    for name in ("eager_kernels", "lazy_kernels"):
+        (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    eager = import_with_numba_cache("eager_kernels", lazy=("lazy_kernels",))
+    lazy = import_with_numba_cache("lazy_kernels", lazy=("lazy_kernels",))
+    assert len(eager.plus_one.signatures) == 1  # compiled at import, as numba does
+    assert lazy.plus_one.signatures == []  # nothing compiled yet
+    assert lazy.plus_one(1.0) == eager.plus_one(1.0) == 2.0
+    assert len(lazy.plus_one.signatures) == 1
+
+
 @pytest.mark.skipif(shutil.which("spamask-integrate") is None,
                     reason="console script not installed (pip install -e .)")
 def test_cli_cache_dir_and_no_cache(tmp_path):
