@@ -221,6 +221,9 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
 @click.option("--epochs", default=None,
               help="Training epochs, or 'auto': 100 full-graph epochs up to 16,384 spots, "
                    "150 steps of 16,384 spots on larger data [auto].")
+@click.option("--n-models", type=click.IntRange(min=1), default=None,
+              help="Models trained with seeds drawn from --seed, embeddings side by side: "
+                   "steadier domains for N times the training [1].")
 @click.option("--minibatch", "mode", flag_value="minibatch",
               help="Train on parts of the graph (see --sampler).")
 @click.option("--full-graph", "mode", flag_value="full", help="Whole graph each step.")
@@ -256,7 +259,8 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in OUT.")
 @click.pass_context
 @handle_errors
-def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epochs, sampler,
+def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epochs, n_models,
+        sampler,
         batch_size, fanouts, device, seed, n_domains, no_scib, no_report, checkpoint_every, resume, nproc,
         nnodes, node_rank, master_addr, master_port, shard_slices, overwrite,
         **options) -> None:
@@ -283,7 +287,8 @@ def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epo
     if no_scib:
         params["scib"] = False
     train_opts = dict(cfg.get("train") or {})
-    flags = {"epochs": epochs, "sampler": sampler, "batch_size": batch_size,
+    flags = {"epochs": epochs, "n_models": n_models, "sampler": sampler,
+             "batch_size": batch_size,
              "fanouts": _parse_fanouts(fanouts),
              "device": device, "seed": seed,
              "minibatch": {"minibatch": True, "full": False}.get(mode) if mode != "auto"

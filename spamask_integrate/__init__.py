@@ -15,7 +15,7 @@ from .io import write_outputs
 from .metrics import evaluate, metrics_table
 from .pipeline import run
 from .preprocess import preprocess
-from .train import SpaMask, train
+from .train import SpaMask, SpaMaskEnsemble, train
 from .utils import enable_compile_cache
 
 try:
@@ -25,6 +25,7 @@ except PackageNotFoundError:  # running from a source tree without install
 
 __all__ = [
     "ConfigError", "DependencyError", "InputError", "Keys", "ResourceError", "SpaMask",
+    "SpaMaskEnsemble",
     "SpamaskConfig", "SpamaskError", "atomic_write", "build_graph", "cluster", "datasets",
     "enable_compile_cache", "evaluate", "integrate", "metrics_table", "preprocess",
     "read_slices", "refine_labels", "run", "to_dgl", "train", "write_outputs",

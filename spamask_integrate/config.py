@@ -71,6 +71,12 @@ class SpamaskConfig:
     full_graph_epochs: int = 100
     budget_steps: int = 150
     seed: int = 2023  # reference 2023
+    # models trained side by side, the first with ``seed`` and the others with seeds drawn
+    # from it; the embedding is theirs side by side (n_models * latent_dim columns). On the
+    # four DLPFC slices, 3 models (three times the training) scored 0.589 +- 0.004 over 10
+    # independent triples, worst 0.584, where one model scores 0.579 +- 0.020 over 30 seeds,
+    # worst 0.510 (benchmarks/README.md "Several models"). Reference: one.
+    n_models: int = 1
     # early stopping on a loss plateau (patience 0 disables it)
     patience: int = 0
     min_delta: float = 1e-4
@@ -101,7 +107,7 @@ class SpamaskConfig:
             raise ConfigError(f"epochs={self.epochs!r}: must be 'auto' or a positive integer")
         positive = ("hidden_dim", "latent_dim", "edge_decoder_hidden", "batch_size",
                     "minibatch_threshold", "inference_batch_size", "budget_steps", "full_graph_epochs",
-                    "subgraph_size", "subgraph_tile_size")
+                    "subgraph_size", "subgraph_tile_size", "n_models")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer")

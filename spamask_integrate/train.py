@@ -141,37 +141,111 @@ class SpaMask:
         adata.obsm[key_added] = emb
         return emb
 
+    def payload(self) -> dict[str, Any]:
+        """State dict, config and history: what :meth:`save` writes."""
+        return {"state_dict": self.module.state_dict(), "config": self.config.to_dict(),
+                "in_dim": self.in_dim, "input_key": self.input_key,
+                "history": self.history, "format": 1}
+
     def save(self, path: str | Path) -> None:
         """Write state dict, config and history to ``path`` atomically."""
-        from .io import atomic_write
-
-        payload = {"state_dict": self.module.state_dict(), "config": self.config.to_dict(),
-                   "in_dim": self.in_dim, "input_key": self.input_key,
-                   "history": self.history, "format": 1}
-        with atomic_write(path) as tmp:
-            torch.save(payload, tmp)
+        _save(self.payload(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> SpaMask:
         """Load a model written by :meth:`save` (on CPU; ``embed`` moves it as configured)."""
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: model file not found")
+        payload = _load(path)
+        if "members" in payload:
+            raise InputError(f"{path}: holds {len(payload['members'])} models (n_models > 1); "
+                             "load it with SpaMaskEnsemble.load")
+        return cls.from_payload(payload, path)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], path: str | Path = "the payload") -> SpaMask:
+        """The model of a :meth:`payload` dict."""
         try:
-            payload = torch.load(path, map_location="cpu")
             model = cls(SpamaskConfig.from_dict(payload["config"]), int(payload["in_dim"]),
                         payload["input_key"], payload.get("history", {}))
             model.module.load_state_dict(payload["state_dict"])
-        except (KeyError, RuntimeError, EOFError, ValueError) as exc:
+        except (KeyError, RuntimeError, ValueError) as exc:
             raise InputError(f"{path}: not a spamask-integrate model ({exc})") from exc
         return model
+
+
+def _save(payload: dict[str, Any], path: str | Path) -> None:
+    from .io import atomic_write
+
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location="cpu")
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise InputError(f"{path}: not a spamask-integrate model ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise InputError(f"{path}: not a spamask-integrate model")
+    return payload
+
+
+def member_seeds(seed: int, n_models: int) -> list[int]:
+    """Training seeds of ``n_models`` models: ``seed`` itself, then seeds drawn from it (so
+    the first model of several is the model that ``n_models=1`` trains)."""
+    return [int(seed)] + [int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0]
+                                 % 2**31) for i in range(1, n_models)]
+
+
+@dataclass
+class SpaMaskEnsemble:
+    """Several SpaMask models trained on the same data with different seeds
+    (``n_models > 1``); their embedding is the members' embeddings side by side."""
+
+    config: SpamaskConfig
+    members: list[SpaMask]
+
+    @property
+    def input_key(self) -> str:
+        return self.members[0].input_key
+
+    def embed(self, adata: ad.AnnData, graph=None, *, batch_key: str = Keys.BATCH,
+              use_rep: str | None = None, key_added: str = Keys.EMB,
+              device: str | None = None) -> np.ndarray:
+        """Embed every spot with each member (:meth:`SpaMask.embed`); writes the members'
+        embeddings side by side to ``obsm[key_added]`` and returns them."""
+        graph = _graph_for(adata, graph, batch_key)
+        parts = [m.embed(adata, graph, batch_key=batch_key, use_rep=use_rep,
+                         key_added=key_added, device=device) for m in self.members]
+        adata.obsm[key_added] = emb = np.hstack(parts)
+        return emb
+
+    def save(self, path: str | Path) -> None:
+        """Write every member (state dict, config, history) to ``path`` atomically."""
+        _save({"format": 1, "config": self.config.to_dict(),
+               "members": [m.payload() for m in self.members]}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpaMaskEnsemble:
+        """Load models written by :meth:`save`."""
+        payload = _load(path)
+        if "members" not in payload:
+            raise InputError(f"{path}: holds one model; load it with SpaMask.load")
+        try:
+            config = SpamaskConfig.from_dict(payload["config"])
+        except (KeyError, ValueError) as exc:
+            raise InputError(f"{path}: not a spamask-integrate model ({exc})") from exc
+        return cls(config, [SpaMask.from_payload(p, path) for p in payload["members"]])
 
 
 # ---------------------------------------------------------------------------- public API
 def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
           config: SpamaskConfig | None = None, *, use_rep: str | None = None,
           key_added: str = Keys.EMB, checkpoint: str | Path | None = None,
-          checkpoint_every: int = 0, resume: bool = False, **overrides: Any) -> SpaMask:
+          checkpoint_every: int = 0, resume: bool = False, **overrides: Any
+          ) -> SpaMask | SpaMaskEnsemble:
     """Train SpaMask on ``adata`` and write the embedding.
 
     Parameters
@@ -190,8 +264,17 @@ def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
 
     Reads ``obsm[use_rep]``, ``obs[batch_key]``. Writes ``obsm[key_added]`` and
     ``uns["spamask"]["train"]`` (config, seed, versions, device, per-epoch losses, timings).
+
+    With ``n_models > 1`` it trains that many models, one after another (the first with
+    ``seed``, the others with seeds drawn from it: :func:`member_seeds`), writes their
+    embeddings side by side (``n_models * latent_dim`` columns; each member's record under
+    ``uns["spamask"]["train"]["members"]``) and returns a :class:`SpaMaskEnsemble`. The
+    training takes ``n_models`` times as long; checkpoints are for one model.
     """
     config = (config or SpamaskConfig()).replace(**overrides)
+    if config.n_models > 1:
+        return _train_ensemble(adata, graph, batch_key, config, use_rep=use_rep,
+                               key_added=key_added, checkpoint=checkpoint, resume=resume)
     use_rep = use_rep or adata.uns.get(Keys.UNS, {}).get("preprocess", {}).get("input_key",
                                                                                 Keys.PCA)
     x = _features(adata, use_rep)
@@ -216,6 +299,36 @@ def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
                      mode=training_mode(config, bool(minibatch)), device=device,
                      train_seconds=train_seconds, epochs=trainer.epochs)
     return model
+
+
+def _train_ensemble(adata: ad.AnnData, graph, batch_key: str, config: SpamaskConfig, *,
+                    use_rep: str | None, key_added: str, checkpoint, resume: bool
+                    ) -> SpaMaskEnsemble:
+    """``config.n_models`` models one after another, each as ``train`` trains one."""
+    if checkpoint is not None or resume:
+        raise ConfigError(f"n_models={config.n_models}: checkpoints hold one model; train "
+                          "several without a checkpoint, or one (n_models=1) with it")
+    graph = _graph_for(adata, graph, batch_key)
+    members, parts, records = [], [], {}
+    seeds = member_seeds(config.seed, config.n_models)
+    for i, seed in enumerate(seeds):
+        logger.info("train: model %d of %d (seed %d)", i + 1, len(seeds), seed)
+        members.append(train(adata, graph, batch_key, config.replace(n_models=1, seed=seed),
+                             use_rep=use_rep, key_added=key_added))
+        parts.append(adata.obsm[key_added])
+        records[str(i)] = adata.uns[Keys.UNS]["train"]
+    adata.obsm[key_added] = np.hstack(parts)
+    first = records["0"]
+    record(adata, "train", {
+        **{k: first[k] for k in ("device", "mode", "processes", "input_key", "epochs",
+                                 "versions")},
+        "config": config.to_dict(), "seed": config.seed, "key_added": key_added,
+        "n_models": config.n_models, "member_seeds": np.asarray(seeds),
+        "train_seconds": sum(float(r["train_seconds"]) for r in records.values()),
+        "inference_seconds": sum(float(r["inference_seconds"]) for r in records.values()),
+        "members": records,
+    })
+    return SpaMaskEnsemble(config, members)
 
 
 def weight_average(module: SpaMaskModule, decay: float):

@@ -101,3 +101,10 @@ def test_same_seed_same_domains_while_the_cpu_is_busy():
     assert np.array_equal(first.obsm["X_spamask"], second.obsm["X_spamask"])
     assert np.array_equal(first.obsm["X_spamask_harmony"], second.obsm["X_spamask_harmony"])
     assert (first.obs["domain"] == second.obs["domain"]).all()
+
+
+def test_several_models_train_in_one_process_only(tmp_path):
+    with pytest.raises(si.ConfigError, match="n_models=2: several models train in one process"):
+        si.run([tmp_path / "a.h5ad"], n_models=2, nproc=2)
+    with pytest.raises(si.ConfigError, match="n_models=2"):
+        si.run([tmp_path / "a.h5ad"], n_models=2, shard_slices=True)

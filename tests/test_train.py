@@ -203,6 +203,40 @@ def test_save_load_embed(tiny_prepped, tmp_path):
     assert new.shape == (300, 16) and np.isfinite(new).all()
 
 
+def test_several_models_side_by_side(tiny_prepped, tmp_path):
+    adata, g = tiny_prepped
+    one = si.train(adata, g, seed=5, key_added="one", **FAST)
+    many = si.train(adata, g, seed=5, n_models=3, key_added="many", **FAST)
+    assert isinstance(one, si.SpaMask) and isinstance(many, si.SpaMaskEnsemble)
+    emb = adata.obsm["many"]
+    assert emb.shape == (adata.n_obs, 3 * 16)
+    # the first model is the one n_models=1 trains; the others have seeds of their own
+    assert np.array_equal(emb[:, :16], adata.obsm["one"])
+    assert not np.allclose(emb[:, 16:32], emb[:, :16])
+    info = adata.uns["spamask"]["train"]
+    seeds = list(info["member_seeds"])
+    assert info["n_models"] == 3 and seeds[0] == 5 and len(set(seeds)) == 3
+    assert [int(info["members"][str(i)]["seed"]) for i in range(3)] == seeds
+    # the same seed trains the same three models
+    si.train(adata, g, seed=5, n_models=3, key_added="again", **FAST)
+    assert np.array_equal(adata.obsm["again"], emb)
+    # saved and loaded, they embed as trained
+    many.save(tmp_path / "models.pt")
+    loaded = si.SpaMaskEnsemble.load(tmp_path / "models.pt")
+    assert loaded.config == many.config and len(loaded.members) == 3
+    assert np.array_equal(loaded.embed(adata, g, key_added="loaded"), emb)
+    with pytest.raises(si.InputError, match="SpaMaskEnsemble.load"):
+        si.SpaMask.load(tmp_path / "models.pt")
+    one.save(tmp_path / "model.pt")
+    with pytest.raises(si.InputError, match="SpaMask.load"):
+        si.SpaMaskEnsemble.load(tmp_path / "model.pt")
+    with pytest.raises(si.ConfigError, match="checkpoints hold one model"):
+        si.train(adata, g, n_models=2, checkpoint=tmp_path / "ck.pt", checkpoint_every=5,
+                 **FAST)
+    with pytest.raises(si.ConfigError, match="n_models=0"):
+        si.train(adata, g, n_models=0, **FAST)
+
+
 def test_bad_parameters(tiny_prepped, tmp_path):
     adata, g = tiny_prepped
     with pytest.raises(si.ConfigError, match="epochz"):
