@@ -73,9 +73,9 @@ class SpamaskConfig:
     seed: int = 2023  # reference 2023
     # models trained side by side, the first with ``seed`` and the others with seeds drawn
     # from it; the embedding is theirs side by side (n_models * latent_dim columns). On the
-    # four DLPFC slices, 3 models (three times the training) scored 0.589 +- 0.004 over 10
-    # independent triples, worst 0.584, where one model scores 0.579 +- 0.020 over 30 seeds,
-    # worst 0.510 (benchmarks/README.md "Several models"). Reference: one.
+    # four DLPFC slices, 3 models (three times the training) scored 0.588 +- 0.005 over 10
+    # seeds, worst 0.582, where one model scores 0.579 +- 0.020 over 30 seeds, worst 0.510
+    # (benchmarks/README.md "Several models side by side"). Reference: one.
     n_models: int = 1
     # early stopping on a loss plateau (patience 0 disables it)
     patience: int = 0

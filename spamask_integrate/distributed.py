@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .config import Keys, SpamaskConfig
-from .errors import ResourceError
+from .errors import ConfigError, ResourceError
 from .utils import release_freed_memory
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ def _init_rank(config: SpamaskConfig) -> tuple[int, int, int, torch.device]:
     device)."""
     import torch.distributed as dist
 
+    if config.n_models > 1:
+        raise ConfigError(f"n_models={config.n_models}: several models train in one process; "
+                          "set n_models=1 for data-parallel or sharded training")
     use_cuda = config.device != "cpu" and torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -347,7 +350,7 @@ def run_sharded(sources, config: SpamaskConfig, *, nproc: int, nnodes: int = 1,
 
     This process reads only the sources' ``obs`` (for the plan); the ranks read the counts.
     """
-    from .errors import ConfigError, InputError
+    from .errors import InputError
     from .shard import plan_shards
     from .train import SpaMask
 

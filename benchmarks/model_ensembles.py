@@ -1,0 +1,137 @@
+"""Does training several models and concatenating their embeddings steady the domains?
+
+Two steps, so that one set of trainings serves every comparison:
+
+``train``: for each seed, one model with a plan's defaults (the benchmark harness's own
+preprocessing, graph and training of a plan's first dataset and variant); its embedding is
+saved to ``--store``/<tag>_<seed>.npz, the labels and slices to ``--store``/meta_<tag>.npz.
+
+``score``: the default caller (Harmony when the plan has it, the domain caller, K from the
+plan; mean over slices of the per-slice ARI) on
+
+- each seed's embedding alone (what ``n_models=1`` gives for that seed);
+- independent pairs (seeds 2i, 2i+1) and triples (3i, 3i+1, 3i+2) side by side, as
+  ``n_models=2`` and ``3`` build their embedding (the members of a real ``n_models`` run have
+  seeds drawn from one seed instead; plans/dlpfc_models.yaml measures those).
+
+Usage: python benchmarks/model_ensembles.py train benchmarks/plans/dlpfc_epochs.yaml
+           --variant epochs_100 --tag dlpfc --seeds 0-29 --store /tmp/ensembles
+       python benchmarks/model_ensembles.py score benchmarks/plans/dlpfc_epochs.yaml
+           --variant epochs_100 --tag dlpfc --seeds 0-29 --store /tmp/ensembles
+Result: benchmarks/results/model_ensembles_<tag>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from _common import write_result
+
+
+def _seeds(text: str) -> list[int]:
+    if "-" in text:
+        lo, hi = text.split("-")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(s) for s in text.split(",")]
+
+
+def train(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path) -> None:
+    from spamask_integrate import benchmark as B
+    from spamask_integrate.graph import to_dgl
+    from spamask_integrate.train import train as fit
+
+    plan = B.load_plan(plan_path)
+    ds, adata = B._prepared(plan, plan["datasets"][0]["name"], variant, {})
+    _, opts, _, _ = B._options(plan, ds, variant)
+    batch_key = ds.get("batch_key", "slice")
+    store.mkdir(parents=True, exist_ok=True)
+    np.savez(store / f"meta_{tag}.npz", slice=adata.obs[batch_key].astype(str).to_numpy(),
+             label=adata.obs[ds["label_key"]].astype(str).to_numpy(),
+             xy=np.asarray(adata.obsm["spatial"]))
+    graph = to_dgl(adata, batch_key)
+    for seed in seeds:
+        fit(adata, graph, batch_key, seed=seed, quiet=True, **opts)
+        np.savez(store / f"{tag}_{seed}.npz", emb=np.asarray(adata.obsm["X_spamask"]))
+        print(f"seed {seed} trained", flush=True)
+
+
+def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path) -> dict:
+    import anndata as ad
+    import pandas as pd
+    from sklearn.metrics import adjusted_rand_score
+
+    import spamask_integrate as si
+    from spamask_integrate import benchmark as B
+
+    plan = B.load_plan(plan_path)
+    ds = plan["datasets"][0]
+    harmony = bool(plan["settings"].get("harmony", [True])[0])
+    k_domains = int(ds.get("n_domains", 7))
+    meta = np.load(store / f"meta_{tag}.npz", allow_pickle=True)
+    labelled = ~pd.Series(meta["label"]).isin(["nan", "None", ""]).to_numpy()
+
+    def ari(x: np.ndarray, seed: int) -> float:
+        a = ad.AnnData(np.zeros((len(meta["slice"]), 1), dtype=np.float32))
+        a.obs["slice"] = pd.Categorical(meta["slice"])
+        a.obsm["spatial"] = meta["xy"]
+        a.obsm["X"] = np.ascontiguousarray(x, dtype=np.float32)
+        si.build_graph(a, "slice", k=B._options(plan, ds, variant)[2])
+        rep = "X"
+        if harmony and a.obs["slice"].nunique() > 1:
+            si.integrate(a, "slice", use_rep="X", key_added="X_harmony", seed=seed)
+            rep = "X_harmony"
+        si.cluster(a, k_domains, "gmm", use_rep=rep, batch_key="slice", seed=seed)
+        dom = a.obs["domain"].to_numpy()
+        per = [adjusted_rand_score(meta["label"][m], dom[m])
+               for s in a.obs["slice"].cat.categories
+               for m in [(meta["slice"] == s) & labelled]]
+        return float(np.mean(per))
+
+    def load(seed: int) -> np.ndarray:
+        return np.load(store / f"{tag}_{seed}.npz")["emb"]
+
+    out = {"single": {}, "pairs": {}, "triples": {}}
+    for seed in seeds:
+        out["single"][str(seed)] = ari(load(seed), seed)
+        print("single", seed, round(out["single"][str(seed)], 4), flush=True)
+    for n, name in ((2, "pairs"), (3, "triples")):
+        for i in range(len(seeds) // n):
+            group = seeds[n * i:n * i + n]
+            out[name][",".join(map(str, group))] = ari(np.hstack([load(s) for s in group]),
+                                                       group[0])
+            print(name, group, round(out[name][",".join(map(str, group))], 4), flush=True)
+    summary = {}
+    for name, values in out.items():
+        v = np.array(list(values.values()))
+        summary[name] = {"n": len(v), "mean": float(v.mean()), "sd": float(v.std(ddof=1)),
+                         "min": float(v.min()), "max": float(v.max()),
+                         "below_0.58": int((v < 0.58).sum())}
+        print(name, {k: round(x, 4) for k, x in summary[name].items()})
+    return {"plan": plan_path, "variant": variant, "seeds": seeds,
+            "harmony": harmony, "n_domains": k_domains, "ari_mean_over_slices": out,
+            "summary": summary}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("step", choices=["train", "score"])
+    p.add_argument("plan")
+    p.add_argument("--variant", default="default")
+    p.add_argument("--tag", required=True)
+    p.add_argument("--seeds", default="0-29")
+    p.add_argument("--store", type=Path, default=Path("/tmp/spamask_ensembles"))
+    args = p.parse_args()
+    seeds = _seeds(args.seeds)
+    if args.step == "train":
+        train(args.plan, args.variant, args.tag, seeds, args.store)
+    else:
+        path = write_result(f"model_ensembles_{args.tag}",
+                            score(args.plan, args.variant, args.tag, seeds, args.store))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
