@@ -73,12 +73,14 @@ def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path)
     meta = np.load(store / f"meta_{tag}.npz", allow_pickle=True)
     labelled = ~pd.Series(meta["label"]).isin(["nan", "None", ""]).to_numpy()
 
+    base = ad.AnnData(np.zeros((len(meta["slice"]), 1), dtype=np.float32))
+    base.obs["slice"] = pd.Categorical(meta["slice"])
+    base.obsm["spatial"] = meta["xy"]
+    si.build_graph(base, "slice", k=B._options(plan, ds, variant)[2])  # the caller's prior
+
     def ari(x: np.ndarray, seed: int) -> float:
-        a = ad.AnnData(np.zeros((len(meta["slice"]), 1), dtype=np.float32))
-        a.obs["slice"] = pd.Categorical(meta["slice"])
-        a.obsm["spatial"] = meta["xy"]
+        a = base.copy()
         a.obsm["X"] = np.ascontiguousarray(x, dtype=np.float32)
-        si.build_graph(a, "slice", k=B._options(plan, ds, variant)[2])
         rep = "X"
         if harmony and a.obs["slice"].nunique() > 1:
             si.integrate(a, "slice", use_rep="X", key_added="X_harmony", seed=seed)
@@ -106,6 +108,8 @@ def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path)
     summary = {}
     for name, values in out.items():
         v = np.array(list(values.values()))
+        if len(v) < 2:  # too few seeds for this group size
+            continue
         summary[name] = {"n": len(v), "mean": float(v.mean()), "sd": float(v.std(ddof=1)),
                          "min": float(v.min()), "max": float(v.max()),
                          "below_0.58": int((v < 0.58).sum())}

@@ -140,6 +140,12 @@ class SpamaskConfig:
             raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
         return self
 
+    def require_one_model(self, what: str) -> None:
+        """Raise :class:`ConfigError` when ``n_models > 1``: ``what`` trains one model."""
+        if self.n_models > 1:
+            raise ConfigError(f"n_models={self.n_models}: several models train in one "
+                              f"process; set n_models=1 for {what}")
+
     def replace(self, **overrides: Any) -> SpamaskConfig:
         """Return a copy with ``overrides`` applied and validated; unknown names raise."""
         names = {f.name for f in dataclasses.fields(self)}

@@ -49,9 +49,7 @@ def _init_rank(config: SpamaskConfig) -> tuple[int, int, int, torch.device]:
     device)."""
     import torch.distributed as dist
 
-    if config.n_models > 1:
-        raise ConfigError(f"n_models={config.n_models}: several models train in one process; "
-                          "set n_models=1 for data-parallel or sharded training")
+    config.require_one_model("data-parallel or sharded training")
     use_cuda = config.device != "cpu" and torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))

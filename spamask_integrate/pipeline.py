@@ -98,9 +98,8 @@ def run(
     """
     config = (config or SpamaskConfig()).replace(**train_overrides)
     seed = config.seed
-    if config.n_models > 1 and (shard_slices or nproc > 1 or nnodes > 1):
-        raise ConfigError(f"n_models={config.n_models}: several models train in one process; "
-                          "set n_models=1 for nproc/nnodes > 1 or shard_slices")
+    if shard_slices or nproc > 1 or nnodes > 1:
+        config.require_one_model("nproc/nnodes > 1 or shard_slices")
     timings: dict[str, float] = {}
 
     @contextmanager
