@@ -275,6 +275,15 @@ def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
     if config.n_models > 1:
         return _train_ensemble(adata, graph, batch_key, config, use_rep=use_rep,
                                key_added=key_added, checkpoint=checkpoint, resume=resume)
+    return _train_one(adata, graph, batch_key, config, use_rep=use_rep, key_added=key_added,
+                      checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+
+
+def _train_one(adata: ad.AnnData, graph, batch_key: str, config: SpamaskConfig, *,
+               use_rep: str | None, key_added: str, checkpoint=None, checkpoint_every: int = 0,
+               resume: bool = False, member: tuple[int, int] = (0, 1)) -> SpaMask:
+    """One model, as :func:`train` describes; ``member`` = (index, count) of an ensemble's
+    member, for the progress bar."""
     use_rep = use_rep or adata.uns.get(Keys.UNS, {}).get("preprocess", {}).get("input_key",
                                                                                 Keys.PCA)
     x = _features(adata, use_rep)
@@ -292,7 +301,7 @@ def train(adata: ad.AnnData, graph=None, batch_key: str = Keys.BATCH,
         if checkpoint is None:
             raise ConfigError("resume=True needs the checkpoint path")
         trainer.load_checkpoint(checkpoint)
-    trainer.fit(checkpoint, checkpoint_every)
+    trainer.fit(checkpoint, checkpoint_every, member=member)
     trainer.hand_over()
     train_seconds = time.perf_counter() - start
     embed_and_record(adata, model, graph, batch_key=batch_key, key_added=key_added,
@@ -313,8 +322,9 @@ def _train_ensemble(adata: ad.AnnData, graph, batch_key: str, config: SpamaskCon
     seeds = member_seeds(config.seed, config.n_models)
     for i, seed in enumerate(seeds):
         logger.info("train: model %d of %d (seed %d)", i + 1, len(seeds), seed)
-        members.append(train(adata, graph, batch_key, config.replace(n_models=1, seed=seed),
-                             use_rep=use_rep, key_added=key_added))
+        members.append(_train_one(adata, graph, batch_key,
+                                  config.replace(n_models=1, seed=seed), use_rep=use_rep,
+                                  key_added=key_added, member=(i, len(seeds))))
         parts.append(adata.obsm[key_added])
         records[str(i)] = adata.uns[Keys.UNS]["train"]
     adata.obsm[key_added] = np.hstack(parts)
@@ -475,11 +485,14 @@ class Trainer:
         self.average = weight_average(self.module, self.config.ema_decay)
         self.seed_log: list | None = None  # (epoch, seed nodes) of every minibatch, if a list
 
-    def fit(self, checkpoint: str | Path | None = None, checkpoint_every: int = 0) -> None:
+    def fit(self, checkpoint: str | Path | None = None, checkpoint_every: int = 0, *,
+            member: tuple[int, int] = (0, 1)) -> None:
         """Train for ``self.epochs`` epochs (from ``start_epoch``), with progress and stopping.
 
         With ``checkpoint`` and ``checkpoint_every`` = E, rank 0 writes a checkpoint atomically
-        after every E-th epoch (see :meth:`save_checkpoint`).
+        after every E-th epoch (see :meth:`save_checkpoint`). ``member`` = (i, n): this model
+        is the i-th (from 0) of n trained one after another; the progress bar then counts the
+        epochs of all n, so its ETA is the time left for the whole ensemble.
         """
         from tqdm.auto import tqdm
 
@@ -487,35 +500,41 @@ class Trainer:
         losses = self.model.history.get("loss", [])
         best = min(losses, default=np.inf)
         stale = len(losses) - 1 - int(np.argmin(losses)) if losses else 0
-        bar = tqdm(range(self.start_epoch, self.epochs), desc="SpaMask", unit="epoch",
-                   disable=c.quiet or self.rank != 0, leave=False)
+        index, count = member
+        bar = tqdm(total=count * self.epochs, initial=index * self.epochs + self.start_epoch,
+                   desc="SpaMask" if count == 1 else f"SpaMask, model {index + 1} of {count}",
+                   unit="epoch", disable=c.quiet or self.rank != 0, leave=False)
         self.module.train()
-        for epoch in bar:
-            tic = time.perf_counter()
-            seed_all(epoch_seed(c.seed, epoch, self.rank))
-            with _quiet_dgl_loader():
-                if not self.minibatch:
-                    sce, edge = self._full_epoch()
-                elif self.subgraphs is not None:
-                    sce, edge = self._subgraph_epoch(epoch)
-                else:
-                    sce, edge = self._minibatch_epoch(epoch)
-            loss = sce + c.lam * edge
-            seconds = time.perf_counter() - tic
-            for name, value in (("loss", loss), ("sce", sce), ("edge", edge), ("seconds", seconds)):
-                self.model.history.setdefault(name, []).append(float(value))
-            bar.set_postfix(loss=f"{loss:.4f}", sce=f"{sce:.4f}", edge=f"{edge:.4f}")
-            if checkpoint and checkpoint_every and (epoch + 1) % checkpoint_every == 0 \
-                    and self.rank == 0:
-                self.save_checkpoint(checkpoint, epoch + 1)
-            if c.patience:
-                if loss < best - c.min_delta:
-                    best, stale = loss, 0
-                else:
-                    stale += 1
-                    if stale >= c.patience:
-                        logger.info("early stop at epoch %d (loss %.4f)", epoch, loss)
-                        break
+        with bar:
+            for epoch in range(self.start_epoch, self.epochs):
+                tic = time.perf_counter()
+                seed_all(epoch_seed(c.seed, epoch, self.rank))
+                with _quiet_dgl_loader():
+                    if not self.minibatch:
+                        sce, edge = self._full_epoch()
+                    elif self.subgraphs is not None:
+                        sce, edge = self._subgraph_epoch(epoch)
+                    else:
+                        sce, edge = self._minibatch_epoch(epoch)
+                loss = sce + c.lam * edge
+                seconds = time.perf_counter() - tic
+                for name, value in (("loss", loss), ("sce", sce), ("edge", edge),
+                                    ("seconds", seconds)):
+                    self.model.history.setdefault(name, []).append(float(value))
+                bar.set_postfix(loss=f"{loss:.4f}", sce=f"{sce:.4f}", edge=f"{edge:.4f}",
+                                refresh=False)
+                bar.update(1)
+                if checkpoint and checkpoint_every and (epoch + 1) % checkpoint_every == 0 \
+                        and self.rank == 0:
+                    self.save_checkpoint(checkpoint, epoch + 1)
+                if c.patience:
+                    if loss < best - c.min_delta:
+                        best, stale = loss, 0
+                    else:
+                        stale += 1
+                        if stale >= c.patience:
+                            logger.info("early stop at epoch %d (loss %.4f)", epoch, loss)
+                            break
         self.module.eval()
 
     def save_checkpoint(self, path: str | Path, epochs_done: int) -> None:

@@ -237,6 +237,28 @@ def test_several_models_side_by_side(tiny_prepped, tmp_path):
         si.train(adata, g, n_models=0, **FAST)
 
 
+def test_one_progress_bar_counts_every_model(tiny_prepped, monkeypatch):
+    """Models trained side by side share one count of epochs, so the bar's ETA is the time
+    left for all of them, not for the model in training."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    adata, g = tiny_prepped
+    si.train(adata, g, n_models=3, **{**FAST, "epochs": 4, "quiet": False})
+    assert [(b.total, b.n) for b in bars] == [(12, 4), (12, 8), (12, 12)]
+    assert [b.desc for b in bars] == [f"SpaMask, model {i} of 3" for i in (1, 2, 3)]
+    bars.clear()
+    si.train(adata, g, **{**FAST, "epochs": 4, "quiet": False})
+    assert [(b.total, b.n, b.desc) for b in bars] == [(4, 4, "SpaMask")]
+
+
 def test_bad_parameters(tiny_prepped, tmp_path):
     adata, g = tiny_prepped
     with pytest.raises(si.ConfigError, match="epochz"):
