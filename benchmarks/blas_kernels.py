@@ -22,6 +22,8 @@ import sys
 from _common import write_result
 from cli.blas import coretype_for, cpu_flags
 
+# The probe reads numpy's BLAS record itself rather than through spamask_integrate.utils:
+# importing the package would load torch (and its MKL and OpenMP) into the timed process.
 PROBE = r"""
 import json, statistics, time
 import numpy as np
