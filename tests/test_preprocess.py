@@ -146,3 +146,42 @@ def test_failed_preprocess_leaves_counts_in_x(tiny_slices, monkeypatch):
         si.preprocess(adata, min_cells=5)
     assert adata.X is not None
     np.testing.assert_array_equal(adata.X.toarray(), raw)
+
+
+def _hvg_input(adata):
+    """``adata`` with the counts layer and categorical slices preprocess gives _select_hvgs."""
+    adata.layers["counts"] = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.obs["slice"] = adata.obs["slice"].astype("category")
+    return adata
+
+
+def test_seurat_v3_statistics_do_not_depend_on_the_block_size(tiny_slices):
+    import importlib
+
+    pp = importlib.import_module("spamask_integrate.preprocess")
+    adata = _hvg_input(tiny_slices)
+    codes = adata.obs["slice"].cat.codes.to_numpy().astype(np.int64)
+    names = list(adata.obs["slice"].cat.categories)
+    whole = pp._seurat_v3_norm_vars(adata.layers["counts"], codes, names, "slice", chunk=1 << 40)
+    blocks = pp._seurat_v3_norm_vars(adata.layers["counts"], codes, names, "slice", chunk=97)
+    assert whole.shape == (2, adata.n_vars) and (whole > 0).all()
+    np.testing.assert_allclose(blocks, whole, rtol=1e-12)
+    assert np.array_equal(np.argsort(-blocks, axis=1), np.argsort(-whole, axis=1))
+
+
+def test_hvgs_of_a_slice_without_variation_name_the_slice(tiny_slices, caplog):
+    import importlib
+
+    pp = importlib.import_module("spamask_integrate.preprocess")
+    adata = _hvg_input(tiny_slices)
+    counts = adata.layers["counts"].tolil()
+    counts[(adata.obs["slice"] == "slice1").to_numpy()] = 0  # nothing varies in slice1
+    adata.layers["counts"] = counts.tocsr()
+    with pytest.raises(si.InputError, match=r"seurat_v3 HVG selection failed on slice "
+                                            r"'slice1' of obs\['slice'\]: only 0 genes vary"):
+        pp._select_hvgs(adata, "slice", 50)
+    halves = _hvg_input(tiny_slices.copy())
+    halves.layers["counts"] = halves.layers["counts"] * 0.5
+    with caplog.at_level("WARNING", logger="spamask_integrate"):
+        pp._select_hvgs(halves, "slice", 50)
+    assert "non-integers" in caplog.text
