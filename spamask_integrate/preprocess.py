@@ -264,7 +264,8 @@ def _seurat_v3_norm_vars(counts: sp.csr_matrix, codes: np.ndarray, names: list[s
         if not_const.sum() < _LOESS_MIN_GENES:  # skmisc's loess crashes the process there
             raise InputError(f"seurat_v3 HVG selection failed on slice {names[code]!r} of "
                              f"obs[{batch_key!r}]: only {int(not_const.sum())} genes vary in "
-                             "it; drop the slice or set n_top_genes=None")
+                             "it; drop the slice, or keep every gene (preprocess "
+                             "n_top_genes=None, in a run config n_top_genes: null)")
         fitted = np.zeros(g)
         try:
             model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span,
