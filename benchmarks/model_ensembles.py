@@ -132,9 +132,8 @@ def main() -> None:
     if args.step == "train":
         train(args.plan, args.variant, args.tag, seeds, args.store)
     else:
-        path = write_result(f"model_ensembles_{args.tag}",
-                            score(args.plan, args.variant, args.tag, seeds, args.store))
-        print(f"wrote {path}")
+        write_result(f"model_ensembles_{args.tag}",
+                     score(args.plan, args.variant, args.tag, seeds, args.store))
 
 
 if __name__ == "__main__":

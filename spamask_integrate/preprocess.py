@@ -201,7 +201,8 @@ def _select_hvgs(adata: ad.AnnData, batch_key: str, n_top_genes: int | None,
     if data.size and not np.array_equal(data, np.round(data)):
         logger.warning("seurat_v3 HVGs expect raw counts; layers[%r] holds non-integers",
                        Keys.COUNTS)
-    norm = _seurat_v3_norm_vars(counts, codes, names, batch_key)
+    group_total, group_sq, _ = _group_moments(counts, codes, len(names))
+    norm = _seurat_v3_norm_vars(counts, codes, names, batch_key, group_total)
     present = (np.bincount(codes, minlength=len(names)) > 0).astype(np.float64)
     norm, present = _sum(comm, norm), _sum(comm, present)
     norm = norm[present > 0]
@@ -210,7 +211,7 @@ def _select_hvgs(adata: ad.AnnData, batch_key: str, n_top_genes: int | None,
     ranks[ranks >= n_top_genes] = np.nan
     median = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
     n = _total(comm, adata.n_obs)
-    total, sq = (_sum(comm, a) for a in _column_moments(counts)[:2])
+    total, sq = (_sum(comm, a.sum(axis=0)) for a in (group_total, group_sq))
     mean = total / n
     df = pd.DataFrame({"means": mean, "variances": (sq - n * mean**2) / max(n - 1, 1),
                        "highly_variable_rank": median, "highly_variable_nbatches": n_batches,
@@ -226,12 +227,13 @@ def _select_hvgs(adata: ad.AnnData, batch_key: str, n_top_genes: int | None,
 
 
 def _seurat_v3_norm_vars(counts: sp.csr_matrix, codes: np.ndarray, names: list[str],
-                         batch_key: str, span: float = 0.3, chunk: int = 1 << 22
-                         ) -> np.ndarray:
+                         batch_key: str, total: np.ndarray, span: float = 0.3,
+                         chunk: int = 1 << 22) -> np.ndarray:
     """seurat_v3's standardised variance of every gene in every slice (slices x genes; rows
     of slices without spots stay 0).
 
-    Per slice: mean and variance of the counts (ddof 1), a loess (degree 2) of log10 variance
+    ``total``: the counts summed per slice and gene (:func:`_group_moments`). Per slice: mean
+    and variance of the counts (ddof 1), a loess (degree 2) of log10 variance
     on log10 mean over the genes that vary, counts clipped at mean + sqrt(n) * fitted sd,
     and the variance of the clipped counts over the fitted one. The sums run as scanpy's do:
     squares of float32 counts in float32, clipped values in float64, in the order of the CSR
@@ -246,13 +248,12 @@ def _seurat_v3_norm_vars(counts: sp.csr_matrix, codes: np.ndarray, names: list[s
     n_groups, g = len(names), counts.shape[1]
     sizes = np.bincount(codes, minlength=n_groups)
     blocks = list(_row_blocks(counts, chunk))
-    total, sq = np.zeros(n_groups * g), np.zeros(n_groups * g)
+    sq = np.zeros(n_groups * g)  # squares in float32, as scanpy takes them
     for lo, hi, a, b in blocks:
-        flat, values = _flat_bins(counts, codes, lo, hi), counts.data[a:b]
-        total += np.bincount(flat, weights=values.astype(np.float64), minlength=total.size)
-        sq += np.bincount(flat, weights=(values * values).astype(np.float64),
-                          minlength=sq.size)
-    total, sq = total.reshape(n_groups, g), sq.reshape(n_groups, g)
+        values = counts.data[a:b]
+        sq += np.bincount(_flat_bins(counts, codes, lo, hi),
+                          weights=(values * values).astype(np.float64), minlength=sq.size)
+    sq = sq.reshape(n_groups, g)
     means, reg_std = np.zeros((n_groups, g)), np.ones((n_groups, g))
     for code in np.flatnonzero(sizes):
         n = int(sizes[code])
