@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 
 #: spamask_reference: the reference's leaky masking (token added, one-direction edge drop);
 #: spamask_per_slice: each slice preprocessed, trained and clustered on its own (no Harmony);
-#: banksy_<lambda>: the BANKSY peer (pybanksy, the ``peers`` extra) with that lambda
-METHODS = ("spamask", "spamask_reference", "spamask_per_slice", "pca", "smoothed_pca")
+#: banksy_<lambda>: the BANKSY peer (pybanksy, the ``peers`` extra) with that lambda;
+#: graphst: the GraphST peer (its own package, the ``peers`` extra)
+METHODS = ("spamask", "spamask_reference", "spamask_per_slice", "pca", "smoothed_pca",
+           "graphst")
 _PEER = re.compile(r"banksy_(0(?:\.\d+)?)")
 
 
@@ -255,7 +257,7 @@ def _per_slice(plan: dict, ds: dict, raw, adata, combo: Combination,
 
 
 def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
-    from .baselines import banksy, smoothed_pca
+    from .baselines import banksy, graphst, smoothed_pca
     from .cluster import cluster
     from .graph import to_dgl
     from .integrate import integrate
@@ -289,6 +291,9 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
         elif combo.method == "smoothed_pca":
             smoothed_pca(adata, batch_key)
             rep = "X_pca_smoothed"
+        elif combo.method == "graphst":
+            graphst(adata, batch_key, seed=combo.seed)
+            rep = "X_graphst"
         elif _PEER.fullmatch(combo.method):
             lam = float(_PEER.fullmatch(combo.method).group(1))
             banksy(adata, batch_key, lambda_=lam, seed=combo.seed)

@@ -47,3 +47,31 @@ def test_banksy_is_seeded_and_checks_its_input(noisy):
 def test_smoothed_pca_averages_over_neighbours(noisy):
     smoothed_pca(noisy)
     assert _ari(noisy, "X_pca_smoothed") > _ari(noisy, "X_pca") + 0.3
+
+
+def test_graphst_is_seeded_leaves_global_state_and_checks_its_input(noisy, monkeypatch):
+    pytest.importorskip("GraphST", reason="the GraphST peer needs the 'peers' extra")
+    import random
+
+    import torch
+
+    from spamask_integrate import baselines
+
+    before = (np.random.get_state()[1].copy(), random.getstate(), torch.get_rng_state())
+    baselines.graphst(noisy, seed=1, epochs=20, key_added="a")
+    after = (np.random.get_state()[1], random.getstate(), torch.get_rng_state())
+    assert np.array_equal(before[0], after[0]) and before[1] == after[1]
+    assert torch.equal(before[2], after[2])
+    baselines.graphst(noisy, seed=1, epochs=20, key_added="b")
+    baselines.graphst(noisy, seed=2, epochs=20, key_added="c")
+    assert noisy.obsm["a"].shape == (noisy.n_obs, 20) and np.isfinite(noisy.obsm["a"]).all()
+    assert np.array_equal(noisy.obsm["a"], noisy.obsm["b"])
+    assert not np.allclose(noisy.obsm["a"], noisy.obsm["c"])
+    assert noisy.uns["spamask"]["graphst"]["epochs"] == 20
+    logged = noisy.copy()
+    logged.layers["counts"] = logged.X  # log-normalised values where counts belong
+    with pytest.raises(si.InputError, match="raw counts"):
+        baselines.graphst(logged, epochs=1)
+    monkeypatch.setattr(baselines, "GRAPHST_MAX_SPOTS", noisy.n_obs - 1)
+    with pytest.raises(si.InputError, match="dense n x n"):
+        baselines.graphst(noisy, epochs=1)

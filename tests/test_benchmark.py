@@ -104,13 +104,14 @@ def test_results_from_before_variants_are_read_as_default(tmp_path):
     assert list(table.columns[:3]) == ["dataset", "method", "variant"]
 
 
-def test_banksy_peer_runs_beside_the_other_methods(tiny_slices, tmp_path):
+def test_peers_run_beside_the_other_methods(tiny_slices, tmp_path):
     pytest.importorskip("banksy", reason="the BANKSY peer needs the 'peers' extra (pybanksy)")
+    pytest.importorskip("GraphST", reason="the GraphST peer needs the 'peers' extra")
     folder = tmp_path / "data"
     folder.mkdir()
     paths = write_h5ad_slices(tiny_slices, folder)
     plan = _plan(tmp_path, paths, """
-  methods: [pca, banksy_0.8]
+  methods: [pca, banksy_0.8, graphst]
   harmony: [true]
   seeds: [0]
 """)
@@ -118,6 +119,7 @@ def test_banksy_peer_runs_beside_the_other_methods(tiny_slices, tmp_path):
     assert (results["status"] == "ok").all(), results[results.status != "ok"].error.tolist()
     ari = results[(results.metric == "ARI") & (results.scope != "all")]
     mean = ari.groupby("method").value.mean()
+    assert set(mean.index) == {"pca", "banksy_0.8", "graphst"}
     assert mean["banksy_0.8"] > mean["pca"] + 0.2  # its neighbourhood features do their job
 
 
