@@ -126,8 +126,9 @@ def graphst(adata: ad.AnnData, batch_key: str = Keys.BATCH, *, n_top_genes: int 
       L2-normalises the output;
     - with ``sparse_readout`` (the default), the contrastive readout, each spot's mean
       embedding over its graph neighbourhood, multiplies a sparse copy of the package's
-      n x n neighbourhood matrix instead of the dense one (the same embedding bit for bit
-      on the test slices; an epoch on the four DLPFC slices 1.3 s instead of 1.7 s). It
+      n x n neighbourhood matrix instead of the dense one (the same sums: the same embedding,
+      bit for bit on the development machine; an epoch on the four DLPFC slices 1.3 s
+      instead of 1.7 s). It
       stands in for the package's readout class while the package trains;
     - each slice's coordinates are moved apart before the package builds its one graph,
       so no neighbour crosses a slice.

@@ -75,3 +75,13 @@ def test_graphst_is_seeded_leaves_global_state_and_checks_its_input(noisy, monke
     monkeypatch.setattr(baselines, "GRAPHST_MAX_SPOTS", noisy.n_obs - 1)
     with pytest.raises(si.InputError, match="dense n x n"):
         baselines.graphst(noisy, epochs=1)
+
+
+def test_graphst_sparse_readout_gives_the_package_embedding(noisy):
+    pytest.importorskip("GraphST", reason="the GraphST peer needs the 'peers' extra")
+    from spamask_integrate import baselines
+
+    baselines.graphst(noisy, seed=0, epochs=10, sparse_readout=False, key_added="dense")
+    baselines.graphst(noisy, seed=0, epochs=10, key_added="sparse")
+    # the same sums, perhaps in another order on another CPU's BLAS (bit for bit here)
+    np.testing.assert_allclose(noisy.obsm["sparse"], noisy.obsm["dense"], rtol=0, atol=1e-4)
