@@ -23,6 +23,14 @@ def dlpfc_files() -> list[Path]:
     return files
 
 
+def seed_list(text: str) -> list[int]:
+    """Seeds from the command line: "0-9" (a range, both ends included) or "0,3,7"."""
+    if "-" in text:
+        lo, hi = text.split("-")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(s) for s in text.split(",")]
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     import torch

@@ -7,7 +7,7 @@ model input:
 
 - ``default``: PCA-200 of the preprocessing, as every run;
 - ``concat_<h>``: that PCA beside its mean over each spot and its graph neighbourhood, ``h``
-  hops of a random walk with self-loops (as ``baselines.smoothed_pca``), 400 columns;
+  hops of a random walk with self-loops (``baselines.smoothed_pca``), 400 columns;
 - ``smoothed_<h>``: the smoothed PCA alone;
 - ``pca`` and ``smoothed_pca`` (no SpaMask; ``synthetic`` only): the peers on the same caller.
 
@@ -36,14 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
-from _common import RESULTS, SHARED, dlpfc_files, machine
-
-
-def _seeds(text: str) -> list[int]:
-    if "-" in text:
-        lo, hi = text.split("-")
-        return list(range(int(lo), int(hi) + 1))
-    return [int(s) for s in text.split(",")]
+from _common import RESULTS, SHARED, dlpfc_files, machine, seed_list
 
 
 def single_cell_sections(seed: int = 0, n_sections: int = 3, n_cells: int = 5000,
@@ -142,7 +135,8 @@ def main() -> None:
         print(f"wrote {out}")
         return
 
-    from spamask_integrate.cluster import cluster, same_slice_neighbours
+    from spamask_integrate.baselines import smoothed_pca
+    from spamask_integrate.cluster import cluster
     from spamask_integrate.graph import build_graph
     from spamask_integrate.integrate import integrate
 
@@ -152,36 +146,31 @@ def main() -> None:
     adata, label, k_domains, harmony = load(args.data)
     preprocess(adata, batch_key="slice")
     graph = build_graph(adata, "slice")
-    adj = same_slice_neighbours(adata, "slice") + sp.identity(adata.n_obs, format="csr")
-    walk = sp.diags(1.0 / np.asarray(adj.sum(axis=1)).ravel()) @ adj
-    pca = np.asarray(adata.obsm["X_pca"], dtype=np.float64)
 
-    def smoothed(hops: int) -> np.ndarray:
-        x = pca
-        for _ in range(hops):
-            x = walk @ x
-        return x
+    def model_input(variant: str) -> tuple[np.ndarray, bool]:
+        """(the embedding of a peer, or SpaMask's input; whether SpaMask trains on it)"""
+        name, _, hops = variant.rpartition("_")
+        if variant in ("default", "pca"):
+            return adata.obsm["X_pca"], variant == "default"
+        if variant == "smoothed_pca" or (name in ("concat", "smoothed") and hops.isdigit()):
+            smoothed_pca(adata, "slice", hops=2 if variant == "smoothed_pca" else int(hops))
+            if name == "concat":
+                return np.hstack([adata.obsm["X_pca"], adata.obsm["X_pca_smoothed"]]), True
+            return adata.obsm["X_pca_smoothed"], variant != "smoothed_pca"
+        p.error(f"unknown variant {variant!r}")
 
     out = RESULTS / f"input_smoothing_{args.data}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     for variant in args.variants.split(","):
-        for seed in _seeds(args.seeds):
+        x, trains = model_input(variant)
+        for seed in seed_list(args.seeds):
             tic = time.perf_counter()
-            name, _, hops = variant.rpartition("_")
-            if variant in ("pca", "smoothed_pca"):
-                adata.obsm["E"] = (pca if variant == "pca" else smoothed(2)).astype(np.float32)
-            else:
-                if variant == "default":
-                    x = pca
-                elif name == "concat" and hops.isdigit():
-                    x = np.hstack([pca, smoothed(int(hops))])
-                elif name == "smoothed" and hops.isdigit():
-                    x = smoothed(int(hops))
-                else:
-                    p.error(f"unknown variant {variant!r}")
+            if trains:
                 adata.obsm["X_in"] = np.asarray(x, dtype=np.float32)
                 train(adata, graph, "slice", seed=seed, quiet=True, use_rep="X_in")
                 adata.obsm["E"] = adata.obsm["X_spamask"]
+            else:
+                adata.obsm["E"] = np.asarray(x, dtype=np.float32)
             rep = "E"
             if harmony:
                 integrate(adata, "slice", use_rep=rep, key_added="E_harmony", seed=seed)

@@ -28,14 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import write_result
-
-
-def _seeds(text: str) -> list[int]:
-    if "-" in text:
-        lo, hi = text.split("-")
-        return list(range(int(lo), int(hi) + 1))
-    return [int(s) for s in text.split(",")]
+from _common import seed_list, write_result
 
 
 def train(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path) -> None:
@@ -128,7 +121,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0-29")
     p.add_argument("--store", type=Path, default=Path("/tmp/spamask_ensembles"))
     args = p.parse_args()
-    seeds = _seeds(args.seeds)
+    seeds = seed_list(args.seeds)
     if args.step == "train":
         train(args.plan, args.variant, args.tag, seeds, args.store)
     else:
