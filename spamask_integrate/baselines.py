@@ -31,21 +31,30 @@ def smoothed_pca(adata: ad.AnnData, batch_key: str = Keys.BATCH, *, use_rep: str
 
 
 def banksy(adata: ad.AnnData, batch_key: str = Keys.BATCH, *, lambda_: float = 0.2,
-           k_geom: int = 15, max_m: int = 1, n_top_genes: int = 2000, n_pcs: int = 20,
-           seed: int = 0, key_added: str = "X_banksy") -> None:
+           k_geom: int | None = None, max_m: int | None = None, n_top_genes: int = 2000,
+           n_pcs: int = 20, seed: int = 0, key_added: str = "X_banksy") -> None:
     """BANKSY (Singhal et al., Nat Genet 2024) computed with its own package, ``pybanksy``.
 
-    Its recipe: log-normalised expression of ``n_top_genes`` HVGs (scanpy "seurat" flavour
-    across slices); for each slice, the Gaussian-weighted mean over the ``k_geom`` nearest
-    cells and the azimuthal Gabor filter of order ``max_m`` (the *centred* gradient, as the R
+    The recipe of the package's authors: log-normalised expression of the union of each
+    slice's top ``n_top_genes`` HVGs (seurat_v3 on the counts; all genes when there are no
+    more); for each slice, the Gaussian-weighted mean over the ``k_geom`` nearest spots and,
+    up to order ``max_m``, the azimuthal Gabor filter (the *centred* gradient, as the R
     package computes it: pybanksy 1.3.5's ``generate_banksy_matrix`` passes
     ``variance_balance`` into ``center`` and so leaves it uncentred, hence the keyword here);
-    the three blocks z-scored within the slice and weighted by ``lambda_``; PCA to
-    ``n_pcs`` over all slices (seeded). Harmony and clustering are left to the caller, as
-    for every other method.
+    the blocks z-scored within the slice and weighted by ``lambda_``; PCA to ``n_pcs`` over
+    all slices (seeded). Harmony and clustering are left to the caller, as for every other
+    method.
 
-    Reads ``X`` (log-normalised by :func:`preprocess`), ``obsm["spatial"]``,
-    ``obs[batch_key]``. Writes ``obsm[key_added]``, ``uns["spamask"]["banksy"]``.
+    The neighbourhood follows the slice's layout, read from its coordinates
+    (:func:`~spamask_integrate.graph.lattice_neighbours`), as the authors set it per
+    platform: on a lattice of spots (Visium, in their multi-sample DLPFC analysis) the
+    first-order neighbours (``k_geom`` 6 on a hexagonal grid) and no Gabor filter
+    (``max_m`` 0); elsewhere (single cells, beads) the package defaults, ``k_geom`` 15 and
+    ``max_m`` 1. Give ``k_geom`` or ``max_m`` to override.
+
+    Reads ``X`` (log-normalised by :func:`preprocess`), ``layers["counts"]`` (for the HVGs),
+    ``obsm["spatial"]``, ``obs[batch_key]``. Writes ``obsm[key_added]``,
+    ``uns["spamask"]["banksy"]``.
     Needs the ``peers`` extra: ``pip install "spamask-integrate[peers]"``.
     """
     import contextlib
@@ -57,47 +66,79 @@ def banksy(adata: ad.AnnData, batch_key: str = Keys.BATCH, *, lambda_: float = 0
     except ImportError as exc:
         raise DependencyError("BANKSY needs pybanksy: pip install 'spamask-integrate[peers]'"
                               ) from exc
-    import scanpy as sc
     from sklearn.decomposition import PCA
     from sklearn.neighbors import NearestNeighbors
+
+    from .graph import lattice_neighbours
 
     if "log1p" not in adata.uns:
         raise InputError("banksy: X is not log-normalised; run preprocess() first")
     if not 0.0 <= lambda_ < 1.0:
         raise InputError(f"banksy: lambda_={lambda_} must be in [0, 1)")
+    for name, value in (("k_geom", k_geom), ("max_m", max_m)):
+        if value is not None and (int(value) != value or value < (1 if name == "k_geom" else 0)):
+            raise InputError(f"banksy: {name}={value} must be a "
+                             f"{'positive' if name == 'k_geom' else 'non-negative'} integer")
     require_obsm(adata, Keys.SPATIAL)
     codes = batch_codes(adata, batch_key)
-    genes = np.ones(adata.n_vars, dtype=bool)
-    if adata.n_vars > n_top_genes:
-        hvg = sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top_genes,
-                                          batch_key=batch_key, inplace=False)
-        genes = hvg["highly_variable"].to_numpy()
+    names = list(adata.obs[batch_key].cat.categories)
+    genes = _banksy_genes(adata, codes, n_top_genes)
     x = adata.X[:, genes]
     x = x.toarray() if sp.issparse(x) else np.asarray(x)
     xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
-    blocks = np.empty((adata.n_obs, 3 * int(genes.sum()) if max_m else 2 * int(genes.sum())))
     decay = "scaled_gaussian"
+    settings, parts = {}, []
     for code in np.unique(codes):
         idx = np.flatnonzero(codes == code)
-        if idx.size <= k_geom * (max_m + 1):
-            raise InputError(f"banksy: slice {adata.obs[batch_key].cat.categories[code]!r} "
-                             f"has {idx.size} spots, not more than k_geom * (max_m + 1)")
+        lattice = lattice_neighbours(xy[idx])
+        k_s = int(k_geom) if k_geom is not None else (lattice or 15)
+        m_s = int(max_m) if max_m is not None else (0 if lattice else 1)
+        settings[names[code]] = {"lattice": lattice, "k_geom": k_s, "max_m": m_s}
+        if idx.size <= k_s * (m_s + 1):
+            raise InputError(f"banksy: slice {names[code]!r} has {idx.size} spots, not more "
+                             f"than k_geom * (max_m + 1) = {k_s * (m_s + 1)}")
         part = ad.AnnData(x[idx])
         with contextlib.redirect_stdout(io.StringIO()):  # pybanksy prints its progress
             nbrs = NearestNeighbors(algorithm="ball_tree").fit(xy[idx])
             weights = {m: generate_spatial_weights_fixed_nbrs(
-                xy[idx], m=m, num_neighbours=k_geom, decay_type=decay, nbr_object=nbrs,
-                verbose=False)[0] for m in range(max_m + 1)}
-            nbr = create_nbr_matrix(part, {decay: {"weights": weights}}, decay, max_m,
+                xy[idx], m=m, num_neighbours=k_s, decay_type=decay, nbr_object=nbrs,
+                verbose=False)[0] for m in range(m_s + 1)}
+            nbr = create_nbr_matrix(part, {decay: {"weights": weights}}, decay, m_s,
                                     center=True, variance_balance=False, verbose=False)
-            blocks[idx] = concatenate_all([part.X] + [nbr[m] for m in range(max_m + 1)],
-                                          lambda_, None)
+            parts.append((idx, concatenate_all([part.X] + [nbr[m] for m in range(m_s + 1)],
+                                               lambda_, None)))
+    widths = {block.shape[1] for _, block in parts}
+    if len(widths) > 1:  # one slice on a lattice, another not: the blocks would not align
+        raise InputError("banksy: the slices need one layout, and they differ "
+                         f"({settings}); give max_m to use the same blocks for all")
+    blocks = np.empty((adata.n_obs, widths.pop()))
+    for idx, block in parts:
+        blocks[idx] = block
     n_pcs = min(n_pcs, blocks.shape[1] - 1, adata.n_obs - 1)
     adata.obsm[key_added] = PCA(n_pcs, random_state=seed).fit_transform(blocks).astype(
         np.float32)
-    record(adata, "banksy", {"lambda": lambda_, "k_geom": k_geom, "max_m": max_m,
+    record(adata, "banksy", {"lambda": lambda_, "per_slice": settings,
                              "n_genes": int(genes.sum()), "n_pcs": n_pcs, "seed": seed,
                              "agf_centred": True, "key_added": key_added})
+
+
+def _banksy_genes(adata: ad.AnnData, codes: np.ndarray, n_top_genes: int) -> np.ndarray:
+    """The union of each slice's top ``n_top_genes`` seurat_v3 HVGs on the counts (all genes
+    when there are no more): the gene set of BANKSY's multi-sample analysis."""
+    import scanpy as sc
+
+    if adata.n_vars <= n_top_genes:
+        return np.ones(adata.n_vars, dtype=bool)
+    if Keys.COUNTS not in adata.layers:
+        raise InputError(f"banksy: no layers[{Keys.COUNTS!r}] with the raw counts for its "
+                         "HVGs; run preprocess() first")
+    genes = np.zeros(adata.n_vars, dtype=bool)
+    for code in np.unique(codes):
+        part = ad.AnnData(adata.layers[Keys.COUNTS][codes == code])
+        hvg = sc.pp.highly_variable_genes(part, flavor="seurat_v3", n_top_genes=n_top_genes,
+                                          inplace=False)
+        genes |= hvg["highly_variable"].to_numpy()
+    return genes
 
 
 #: GraphST builds its graph and its contrastive readout as dense n x n matrices (up to five

@@ -152,6 +152,30 @@ def symmetric_structure(adj, where: str = "the graph") -> sp.csr_matrix:
     return sym
 
 
+def lattice_neighbours(xy: np.ndarray, tolerance: float = 0.2, share: float = 0.6) -> int:
+    """First-order neighbours per spot when the spots of one slice sit on a regular lattice
+    (6 on Visium's hexagonal grid, 4 on a square grid), else 0 (single cells, beads, a
+    jittered or irregular layout).
+
+    A spot's first-order neighbours are the spots within ``1 + tolerance`` times the distance
+    to its nearest one (the next shell of a square grid lies at sqrt(2), of a hexagonal one at
+    sqrt(3)). The slice is a lattice when at least ``share`` of its spots (spots at the edge
+    have fewer) have the same count, 4 or 6. Decided from the coordinates alone, not from a
+    platform's name.
+    """
+    xy = np.asarray(xy, dtype=np.float64)[:, :2]
+    if xy.shape[0] < 8:
+        return 0
+    dist, _ = KDTree(xy).query(xy, k=8)
+    dist = dist[:, 1:]
+    first = dist[:, :1]
+    if not (first > 0).all():  # spots on top of each other: not a lattice
+        return 0
+    counts = (dist <= (1 + tolerance) * first).sum(axis=1)
+    mode = int(np.bincount(counts).argmax())
+    return mode if mode in (4, 6) and np.mean(counts == mode) >= share else 0
+
+
 def _platforms(adata: ad.AnnData, names: list[str], platform: str | None) -> dict[str, str]:
     recorded = adata.uns.get(Keys.UNS, {}).get("read", {}).get("platforms", {})
     return {n: (platform or recorded.get(n) or "unknown").lower() for n in names}

@@ -85,3 +85,39 @@ def test_graphst_sparse_readout_gives_the_package_embedding(noisy):
     baselines.graphst(noisy, seed=0, epochs=10, key_added="sparse")
     # the same sums, perhaps in another order on another CPU's BLAS (bit for bit here)
     np.testing.assert_allclose(noisy.obsm["sparse"], noisy.obsm["dense"], rtol=0, atol=1e-4)
+
+
+def test_banksy_takes_the_lattice_recipe_on_a_visium_grid(noisy):
+    """On a hexagonal grid BANKSY uses the first-order neighbours and no Gabor filter (its
+    authors' Visium setting); on single cells or a jittered layout the package defaults."""
+    jittered = noisy.copy()
+    banksy(jittered, lambda_=0.8, seed=0)
+    settings = jittered.uns["spamask"]["banksy"]["per_slice"]
+    assert {s["k_geom"] for s in settings.values()} == {15}
+    assert {s["max_m"] for s in settings.values()} == {1}
+
+    # the same spots on a hexagonal grid: each grid point (the jitter rounded off) moved to
+    # its place in a hexagonal lattice, so the planted bands keep their shape
+    grid = np.round(noisy.obsm["spatial"])
+    row, col = grid[:, 1], grid[:, 0]
+    noisy.obsm["spatial"] = np.stack([col + 0.5 * (row % 2), row * np.sqrt(3) / 2], 1) * 137
+    banksy(noisy, lambda_=0.0, seed=0, key_added="X_expr_only")
+    banksy(noisy, lambda_=0.8, seed=0)
+    settings = noisy.uns["spamask"]["banksy"]["per_slice"]
+    assert [(s["lattice"], s["k_geom"], s["max_m"]) for s in settings.values()] == [(6, 6, 0)] * 2
+    assert noisy.obsm["X_banksy"].shape == (noisy.n_obs, 20)
+    assert _ari(noisy, "X_banksy") > _ari(noisy, "X_expr_only") + 0.3
+
+    banksy(noisy, lambda_=0.8, k_geom=10, max_m=1, seed=0, key_added="X_set")
+    settings = noisy.uns["spamask"]["banksy"]["per_slice"]
+    assert {(s["k_geom"], s["max_m"]) for s in settings.values()} == {(10, 1)}
+
+    # one slice on the grid, the other not: their blocks would differ, so it says so
+    mixed = noisy.copy()
+    first = (mixed.obs["slice"] == mixed.obs["slice"].cat.categories[0]).to_numpy()
+    mixed.obsm["spatial"][first] = jittered.obsm["spatial"][first]
+    with pytest.raises(si.InputError, match="one layout"):
+        banksy(mixed)
+    banksy(mixed, max_m=0, key_added="X_mixed")  # the same blocks for both: it runs
+    with pytest.raises(si.InputError, match="max_m"):
+        banksy(mixed, max_m=-1)

@@ -144,3 +144,25 @@ def test_edge_masker_rejects_a_directed_or_repeated_graph():
         EdgeMasker(dgl.graph((u[1:], v[1:])), "undirected", 0.2)
     with pytest.raises(si.InputError, match="1 duplicated edges"):
         EdgeMasker(dgl.graph((torch.cat([u, u[:1]]), torch.cat([v, v[:1]]))), "undirected", 0.2)
+
+
+def hex_lattice(rows: int, cols: int, spacing: float = 137.0, seed: int = 0) -> np.ndarray:
+    """Visium-like spot centres: a hexagonal grid, each centre moved by up to 1% of the
+    spacing (the registration error of real Visium coordinates)."""
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    xy = np.stack([c + 0.5 * (r % 2), r * np.sqrt(3) / 2], axis=1) * spacing
+    return xy + np.random.default_rng(seed).uniform(-0.01, 0.01, xy.shape) * spacing
+
+
+def test_lattice_neighbours_reads_the_layout_from_the_coordinates(tiny_slices):
+    from spamask_integrate.graph import lattice_neighbours
+
+    assert lattice_neighbours(hex_lattice(20, 30)) == 6
+    square = np.stack(np.divmod(np.arange(600), 30), axis=1).astype(float) * 100.0
+    assert lattice_neighbours(square) == 4
+    assert lattice_neighbours(square[::-1] + 5e4) == 4  # order and offset do not matter
+    rng = np.random.default_rng(0)
+    assert lattice_neighbours(rng.uniform(0, 1000, (600, 2))) == 0  # single cells
+    assert lattice_neighbours(tiny_slices.obsm["spatial"][:300]) == 0  # a jittered grid
+    assert lattice_neighbours(hex_lattice(1, 5)) == 0  # too few spots to tell
+    assert lattice_neighbours(np.repeat(hex_lattice(20, 30), 2, axis=0)) == 0  # duplicates
