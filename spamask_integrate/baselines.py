@@ -86,8 +86,7 @@ def banksy(adata: ad.AnnData, batch_key: str = Keys.BATCH, *, lambda_: float = 0
     x = adata.X[:, genes]
     x = x.toarray() if sp.issparse(x) else np.asarray(x)
     xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
-    decay = "scaled_gaussian"
-    settings, parts = {}, []
+    settings = {}
     for code in np.unique(codes):
         idx = np.flatnonzero(codes == code)
         lattice = lattice_neighbours(xy[idx])
@@ -97,6 +96,16 @@ def banksy(adata: ad.AnnData, batch_key: str = Keys.BATCH, *, lambda_: float = 0
         if idx.size <= k_s * (m_s + 1):
             raise InputError(f"banksy: slice {names[code]!r} has {idx.size} spots, not more "
                              f"than k_geom * (max_m + 1) = {k_s * (m_s + 1)}")
+    grids = sorted(n for n, v in settings.items() if v["lattice"])
+    if max_m is None and 0 < len(grids) < len(settings):  # the blocks would not line up
+        other = next(n for n in settings if n not in grids)
+        raise InputError(f"banksy: slice {grids[0]!r} is a grid of spots and slice {other!r} "
+                         "is not, so their BANKSY blocks differ; give max_m (0 or 1) for all")
+    decay = "scaled_gaussian"
+    blocks = None
+    for code in np.unique(codes):
+        idx = np.flatnonzero(codes == code)
+        k_s, m_s = settings[names[code]]["k_geom"], settings[names[code]]["max_m"]
         part = ad.AnnData(x[idx])
         with contextlib.redirect_stdout(io.StringIO()):  # pybanksy prints its progress
             nbrs = NearestNeighbors(algorithm="ball_tree").fit(xy[idx])
@@ -105,14 +114,9 @@ def banksy(adata: ad.AnnData, batch_key: str = Keys.BATCH, *, lambda_: float = 0
                 verbose=False)[0] for m in range(m_s + 1)}
             nbr = create_nbr_matrix(part, {decay: {"weights": weights}}, decay, m_s,
                                     center=True, variance_balance=False, verbose=False)
-            parts.append((idx, concatenate_all([part.X] + [nbr[m] for m in range(m_s + 1)],
-                                               lambda_, None)))
-    widths = {block.shape[1] for _, block in parts}
-    if len(widths) > 1:  # one slice on a lattice, another not: the blocks would not align
-        raise InputError("banksy: the slices need one layout, and they differ "
-                         f"({settings}); give max_m to use the same blocks for all")
-    blocks = np.empty((adata.n_obs, widths.pop()))
-    for idx, block in parts:
+            block = concatenate_all([part.X] + [nbr[m] for m in range(m_s + 1)], lambda_, None)
+        if blocks is None:
+            blocks = np.empty((adata.n_obs, block.shape[1]))
         blocks[idx] = block
     n_pcs = min(n_pcs, blocks.shape[1] - 1, adata.n_obs - 1)
     adata.obsm[key_added] = PCA(n_pcs, random_state=seed).fit_transform(blocks).astype(
