@@ -31,6 +31,41 @@ def seed_list(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
+class StoredRun:
+    """The slices, labels and coordinates ``model_ensembles.py train`` stored for ``tag`` in
+    ``store`` (meta_<tag>.npz), as an AnnData with the spatial graph the caller's prior uses
+    (``k`` as in ``build_graph``), and the mean over slices of the per-slice ARI."""
+
+    def __init__(self, store: Path, tag: str, k: int | None = None):
+        import anndata as ad
+        import numpy as np
+        import pandas as pd
+
+        import spamask_integrate as si
+
+        meta = np.load(store / f"meta_{tag}.npz", allow_pickle=True)
+        self.store, self.tag = store, tag
+        self.label, self.slices = meta["label"].astype(str), meta["slice"].astype(str)
+        self.known = ~pd.Series(self.label).isin(["nan", "None", ""]).to_numpy()
+        self.base = ad.AnnData(np.zeros((len(self.slices), 1), dtype=np.float32))
+        self.base.obs["slice"] = pd.Categorical(self.slices)
+        self.base.obsm["spatial"] = meta["xy"]
+        si.build_graph(self.base, "slice", k=k)
+
+    def embedding(self, seed: int):
+        import numpy as np
+
+        return np.load(self.store / f"{self.tag}_{seed}.npz")["emb"]
+
+    def score(self, domains) -> float:
+        import numpy as np
+        from sklearn.metrics import adjusted_rand_score
+
+        return float(np.mean([adjusted_rand_score(self.label[m], np.asarray(domains)[m])
+                              for s in self.base.obs["slice"].cat.categories
+                              for m in [(self.slices == s) & self.known]]))
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     import torch

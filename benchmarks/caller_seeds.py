@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from _common import seed_list, write_result
+from _common import StoredRun, seed_list, write_result
 
 STARTS = (20, 60)
 
 
 def main() -> None:
-    import anndata as ad
     import pandas as pd
     from sklearn.metrics import adjusted_rand_score as ari
 
@@ -39,22 +36,12 @@ def main() -> None:
     p.add_argument("--store", type=Path, default=Path("/tmp/spamask_ensembles"))
     args = p.parse_args()
 
-    meta = np.load(args.store / f"meta_{args.tag}.npz", allow_pickle=True)
-    label, slices = meta["label"].astype(str), meta["slice"].astype(str)
-    known = ~pd.Series(label).isin(["nan", "None", ""]).to_numpy()
-    base = ad.AnnData(np.zeros((len(slices), 1), dtype=np.float32))
-    base.obs["slice"] = pd.Categorical(slices)
-    base.obsm["spatial"] = meta["xy"]
-    si.build_graph(base, "slice")  # the caller's spatial prior, as in a run
-
-    def score(domains: np.ndarray) -> float:
-        return float(np.mean([ari(label[(slices == s) & known], domains[(slices == s) & known])
-                              for s in np.unique(slices)]))
+    run = StoredRun(args.store, args.tag)  # the default graph: the caller's prior
 
     rows = []
     for seed in seed_list(args.seeds):
-        a = base.copy()
-        a.obsm["X"] = np.load(args.store / f"{args.tag}_{seed}.npz")["emb"]
+        a = run.base.copy()
+        a.obsm["X"] = run.embedding(seed)
         rep = "X"
         if args.harmony:
             si.integrate(a, "slice", use_rep="X", key_added="X_harmony", seed=seed)
@@ -67,7 +54,7 @@ def main() -> None:
                            n_starts=n)
                 calls.append(a.obs["domain"].astype(str).to_numpy())
                 row[f"start_agreement_{n}"] = a.uns["spamask"]["cluster"]["start_agreement"]
-            row[f"ari_{n}"], row[f"ari_{n}_other_seed"] = score(calls[0]), score(calls[1])
+            row[f"ari_{n}"], row[f"ari_{n}_other_seed"] = run.score(calls[0]), run.score(calls[1])
             row[f"same_{n}"] = float(ari(calls[0], calls[1]))
         rows.append(row)
         print({k: round(v, 3) for k, v in row.items()}, flush=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import seed_list, write_result
+from _common import StoredRun, seed_list, write_result
 
 
 def train(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path) -> None:
@@ -52,10 +52,6 @@ def train(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path)
 
 
 def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path) -> dict:
-    import anndata as ad
-    import pandas as pd
-    from sklearn.metrics import adjusted_rand_score
-
     import spamask_integrate as si
     from spamask_integrate import benchmark as B
 
@@ -63,39 +59,26 @@ def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path)
     ds = plan["datasets"][0]
     harmony = bool(plan["settings"].get("harmony", [True])[0])
     k_domains = int(ds.get("n_domains", 7))
-    meta = np.load(store / f"meta_{tag}.npz", allow_pickle=True)
-    labelled = ~pd.Series(meta["label"]).isin(["nan", "None", ""]).to_numpy()
-
-    base = ad.AnnData(np.zeros((len(meta["slice"]), 1), dtype=np.float32))
-    base.obs["slice"] = pd.Categorical(meta["slice"])
-    base.obsm["spatial"] = meta["xy"]
-    si.build_graph(base, "slice", k=B._options(plan, ds, variant)[2])  # the caller's prior
+    run = StoredRun(store, tag, k=B._options(plan, ds, variant)[2])  # the caller's prior
 
     def ari(x: np.ndarray, seed: int) -> float:
-        a = base.copy()
+        a = run.base.copy()
         a.obsm["X"] = np.ascontiguousarray(x, dtype=np.float32)
         rep = "X"
         if harmony and a.obs["slice"].nunique() > 1:
             si.integrate(a, "slice", use_rep="X", key_added="X_harmony", seed=seed)
             rep = "X_harmony"
         si.cluster(a, k_domains, "gmm", use_rep=rep, batch_key="slice", seed=seed)
-        dom = a.obs["domain"].to_numpy()
-        per = [adjusted_rand_score(meta["label"][m], dom[m])
-               for s in a.obs["slice"].cat.categories
-               for m in [(meta["slice"] == s) & labelled]]
-        return float(np.mean(per))
-
-    def load(seed: int) -> np.ndarray:
-        return np.load(store / f"{tag}_{seed}.npz")["emb"]
+        return run.score(a.obs["domain"].to_numpy())
 
     out = {"single": {}, "pairs": {}, "triples": {}}
     for seed in seeds:
-        out["single"][str(seed)] = ari(load(seed), seed)
+        out["single"][str(seed)] = ari(run.embedding(seed), seed)
         print("single", seed, round(out["single"][str(seed)], 4), flush=True)
     for n, name in ((2, "pairs"), (3, "triples")):
         for i in range(len(seeds) // n):
             group = seeds[n * i:n * i + n]
-            out[name][",".join(map(str, group))] = ari(np.hstack([load(s) for s in group]),
+            out[name][",".join(map(str, group))] = ari(np.hstack([run.embedding(s) for s in group]),
                                                        group[0])
             print(name, group, round(out[name][",".join(map(str, group))], 4), flush=True)
     summary = {}

@@ -75,37 +75,36 @@ def banksy(adata: ad.AnnData, batch_key: str = Keys.BATCH, *, lambda_: float = 0
         raise InputError("banksy: X is not log-normalised; run preprocess() first")
     if not 0.0 <= lambda_ < 1.0:
         raise InputError(f"banksy: lambda_={lambda_} must be in [0, 1)")
-    for name, value in (("k_geom", k_geom), ("max_m", max_m)):
-        if value is not None and (int(value) != value or value < (1 if name == "k_geom" else 0)):
-            raise InputError(f"banksy: {name}={value} must be a "
-                             f"{'positive' if name == 'k_geom' else 'non-negative'} integer")
+    if k_geom is not None and (int(k_geom) != k_geom or k_geom < 1):
+        raise InputError(f"banksy: k_geom={k_geom} must be a positive integer")
+    if max_m is not None and (int(max_m) != max_m or max_m < 0):
+        raise InputError(f"banksy: max_m={max_m} must be a non-negative integer")
     require_obsm(adata, Keys.SPATIAL)
     codes = batch_codes(adata, batch_key)
     names = list(adata.obs[batch_key].cat.categories)
-    genes = _banksy_genes(adata, codes, n_top_genes)
-    x = adata.X[:, genes]
-    x = x.toarray() if sp.issparse(x) else np.asarray(x)
     xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
+    members = {names[code]: np.flatnonzero(codes == code) for code in np.unique(codes)}
     settings = {}
-    for code in np.unique(codes):
-        idx = np.flatnonzero(codes == code)
+    for name, idx in members.items():
         lattice = lattice_neighbours(xy[idx])
         k_s = int(k_geom) if k_geom is not None else (lattice or 15)
         m_s = int(max_m) if max_m is not None else (0 if lattice else 1)
-        settings[names[code]] = {"lattice": lattice, "k_geom": k_s, "max_m": m_s}
+        settings[name] = {"lattice": lattice, "k_geom": k_s, "max_m": m_s}
         if idx.size <= k_s * (m_s + 1):
-            raise InputError(f"banksy: slice {names[code]!r} has {idx.size} spots, not more "
+            raise InputError(f"banksy: slice {name!r} has {idx.size} spots, not more "
                              f"than k_geom * (max_m + 1) = {k_s * (m_s + 1)}")
     grids = sorted(n for n, v in settings.items() if v["lattice"])
     if max_m is None and 0 < len(grids) < len(settings):  # the blocks would not line up
         other = next(n for n in settings if n not in grids)
         raise InputError(f"banksy: slice {grids[0]!r} is a grid of spots and slice {other!r} "
                          "is not, so their BANKSY blocks differ; give max_m (0 or 1) for all")
+    genes = _banksy_genes(adata, codes, n_top_genes)  # after the cheap checks above
+    x = adata.X[:, genes]
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
     decay = "scaled_gaussian"
     blocks = None
-    for code in np.unique(codes):
-        idx = np.flatnonzero(codes == code)
-        k_s, m_s = settings[names[code]]["k_geom"], settings[names[code]]["max_m"]
+    for name, idx in members.items():
+        k_s, m_s = settings[name]["k_geom"], settings[name]["max_m"]
         part = ad.AnnData(x[idx])
         with contextlib.redirect_stdout(io.StringIO()):  # pybanksy prints its progress
             nbrs = NearestNeighbors(algorithm="ball_tree").fit(xy[idx])
