@@ -3,8 +3,8 @@
 On embeddings already trained and stored by ``model_ensembles.py train`` (``--store``:
 meta_<tag>.npz with the slices, labels and coordinates, <tag>_<seed>.npz with each seed's
 embedding), the default caller (Harmony first with ``--harmony``, K from ``--k``) runs twice
-per embedding, with caller seeds s and s + 1000, and with ``n_starts`` 20 (the default) and
-60. Per embedding: the mean over slices of the per-slice ARI of each call, the ARI between
+per embedding, with caller seeds s and s + 1000, and with each ``n_starts`` of ``--starts``
+(default 20,60). Per embedding: the mean over slices of the per-slice ARI of each call, the ARI between
 the two calls' domains (1.0: the same partition), and the starts' mean agreement.
 
 Usage: python benchmarks/caller_seeds.py --tag osmfish --k 11 --seeds 0-25 --store /tmp/embs
@@ -19,9 +19,6 @@ from pathlib import Path
 
 from _common import StoredRun, seed_list, write_result
 
-STARTS = (20, 60)
-
-
 def main() -> None:
     import pandas as pd
     from sklearn.metrics import adjusted_rand_score as ari
@@ -34,7 +31,10 @@ def main() -> None:
     p.add_argument("--harmony", action="store_true")
     p.add_argument("--seeds", default="0-9")
     p.add_argument("--store", type=Path, default=Path("/tmp/spamask_ensembles"))
+    p.add_argument("--starts", default="20,60", help="n_starts values, comma-separated")
+    p.add_argument("--name", default=None, help="result name (default caller_seeds_<tag>)")
     args = p.parse_args()
+    starts = [int(n) for n in args.starts.split(",")]
 
     run = StoredRun(args.store, args.tag)  # the default graph: the caller's prior
 
@@ -47,7 +47,7 @@ def main() -> None:
             si.integrate(a, "slice", use_rep="X", key_added="X_harmony", seed=seed)
             rep = "X_harmony"
         row = {"seed": seed}
-        for n in STARTS:
+        for n in starts:
             calls = []
             for caller_seed in (seed, seed + 1000):
                 si.cluster(a, args.k, "gmm", use_rep=rep, batch_key="slice", seed=caller_seed,
@@ -60,7 +60,7 @@ def main() -> None:
         print({k: round(v, 3) for k, v in row.items()}, flush=True)
     df = pd.DataFrame(rows)
     summary = {}
-    for n in STARTS:
+    for n in starts:
         moved = (df[f"ari_{n}"] - df[f"ari_{n}_other_seed"]).abs()
         summary[n] = {"ari_mean": float(df[f"ari_{n}"].mean()),
                       "ari_mean_other_seed": float(df[f"ari_{n}_other_seed"].mean()),
@@ -69,9 +69,9 @@ def main() -> None:
                       "same_median": float(df[f"same_{n}"].median()),
                       "ari_moved_mean": float(moved.mean()), "ari_moved_max": float(moved.max())}
         print(n, {k: round(v, 3) for k, v in summary[n].items()})
-    write_result(f"caller_seeds_{args.tag}", {"tag": args.tag, "k": args.k,
-                                              "harmony": args.harmony, "rows": rows,
-                                              "summary": summary})
+    write_result(args.name or f"caller_seeds_{args.tag}",
+                 {"tag": args.tag, "k": args.k, "harmony": args.harmony, "rows": rows,
+                  "summary": summary})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Seconds of the domain caller (``cluster`` with its defaults) against a plain one-start GMM,
 at growing spot counts, on synthetic embeddings (30 dims, 7 layered domains, 12 slices).
 
-The caller fits its 20 starts on a sample of at most 20,000 spots and runs the Potts EM over
+The caller fits its 60 starts (the default) on a sample of at most 20,000 spots and runs the Potts EM over
 the sparse graph, so its cost should grow linearly in spots.
 Usage: python benchmarks/caller_time.py --spots 11380 100000 1000000
 """

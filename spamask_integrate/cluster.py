@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 METHODS = ("gmm", "kmeans", "leiden")
 #: default Potts interaction of the GMM caller (the largest log-odds a neighbourhood adds)
 SPATIAL_PRIOR = 4.0
+#: default number of GMM starts of the caller (60 rather than 20: benchmarks/README.md,
+#: "Caller seeds")
+N_STARTS = 60
 
 
 def cluster(
@@ -33,7 +36,7 @@ def cluster(
     n_pcs: int = 30,
     gmm_model: str = "EEE",
     k_range: tuple[int, int] = (2, 15),
-    n_starts: int = 20,
+    n_starts: int = N_STARTS,
     spatial_prior: float = SPATIAL_PRIOR,
     refine: bool = False,
     max_fit: int = 200_000,

@@ -11,7 +11,7 @@ from typing import Any
 
 import anndata as ad
 
-from .cluster import SPATIAL_PRIOR, cluster
+from .cluster import N_STARTS, SPATIAL_PRIOR, cluster
 from .config import Keys, SpamaskConfig
 from .errors import ConfigError
 from .graph import build_graph
@@ -36,7 +36,7 @@ def run(
     cluster_method: str = "gmm",
     harmony: bool | None = None,
     refine: bool = False,
-    n_starts: int = 20,
+    n_starts: int = N_STARTS,
     spatial_prior: float = SPATIAL_PRIOR,
     graph_method: str = "knn",
     k: int | None = None,
