@@ -103,12 +103,13 @@ def main() -> None:
     p.add_argument("--tag", required=True)
     p.add_argument("--seeds", default="0-29")
     p.add_argument("--store", type=Path, default=Path("/tmp/spamask_ensembles"))
+    p.add_argument("--name", default=None, help="result name (default model_ensembles_<tag>)")
     args = p.parse_args()
     seeds = seed_list(args.seeds)
     if args.step == "train":
         train(args.plan, args.variant, args.tag, seeds, args.store)
     else:
-        write_result(f"model_ensembles_{args.tag}",
+        write_result(args.name or f"model_ensembles_{args.tag}",
                      score(args.plan, args.variant, args.tag, seeds, args.store))
 
 
