@@ -4,8 +4,8 @@ On embeddings already trained and stored by ``model_ensembles.py train`` (``--st
 meta_<tag>.npz with the slices, labels and coordinates, <tag>_<seed>.npz with each seed's
 embedding), the default caller (Harmony first with ``--harmony``, K from ``--k``) runs twice
 per embedding, with caller seeds s and s + 1000, and with each ``n_starts`` of ``--starts``
-(default 20,60). Per embedding: the mean over slices of the per-slice ARI of each call, the ARI between
-the two calls' domains (1.0: the same partition), and the starts' mean agreement.
+(default 20,60). Per embedding: the mean over slices of the per-slice ARI of each call, the
+ARI between the two calls' domains (1.0: the same partition), and the starts' mean agreement.
 
 Usage: python benchmarks/caller_seeds.py --tag osmfish --k 11 --seeds 0-25 --store /tmp/embs
        python benchmarks/caller_seeds.py --tag dlpfc --k 7 --harmony --seeds 0-14 --store /tmp/embs

@@ -21,7 +21,7 @@ METHODS = ("gmm", "kmeans", "leiden")
 #: default Potts interaction of the GMM caller (the largest log-odds a neighbourhood adds)
 SPATIAL_PRIOR = 4.0
 #: default number of GMM starts of the caller (60 rather than 20: benchmarks/README.md,
-#: "Caller seeds")
+#: "What the 60 starts change")
 N_STARTS = 60
 
 
