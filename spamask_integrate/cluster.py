@@ -12,7 +12,8 @@ import scipy.sparse as sp
 
 from .config import Keys
 from .errors import ConfigError, InputError
-from .mixture import MCLUST_MODELS, fit_gmm, medoid_start, neighbour_share, potts_em
+from .mixture import (MCLUST_MODELS, N_STARTS, fit_gmm, medoid_start, neighbour_share,
+                      potts_em)
 from .utils import batch_codes, record, require_obsm
 
 logger = logging.getLogger(__name__)
@@ -20,9 +21,6 @@ logger = logging.getLogger(__name__)
 METHODS = ("gmm", "kmeans", "leiden")
 #: default Potts interaction of the GMM caller (the largest log-odds a neighbourhood adds)
 SPATIAL_PRIOR = 4.0
-#: default number of GMM starts of the caller (60 rather than 20: benchmarks/README.md,
-#: "What the 60 starts change")
-N_STARTS = 60
 
 
 def cluster(
