@@ -9,6 +9,7 @@ Variants (``settings.variants``) are named overrides of the defaults, for ablati
       hvg_input: {preprocess: {n_comps: null}}
       k_6: {k: 6}
       refined: {refine: true}
+      embedding_alone: {context_weight: 0}
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ _PEER = re.compile(r"banksy_(0(?:\.\d+)?)")
 
 def _known_method(name: str) -> bool:
     return name in METHODS or _PEER.fullmatch(str(name)) is not None
-VARIANT_FIELDS = ("train", "preprocess", "k", "refine")
+VARIANT_FIELDS = ("train", "preprocess", "k", "refine", "context_weight")
 _REFERENCE_MASKING = {"mask_mode": "reference", "edge_mask": "reference"}
 KEY_COLUMNS = ["dataset", "method", "variant", "harmony", "cluster", "seed"]
 RESULT_COLUMNS = KEY_COLUMNS + ["status", "error", "seconds", "kind", "scope", "embedding",
@@ -198,6 +199,15 @@ def _options(plan: dict, ds: dict, variant: str) -> tuple[dict, dict, int | None
     return pre, train, k, refine
 
 
+def _context_weight(plan: dict, variant: str) -> float:
+    """Weight of the spatial context in what the caller sees for SpaMask (``context_weight``
+    in the settings or a variant; run()'s default otherwise)."""
+    from .context import CONTEXT_WEIGHT
+
+    s, over = plan["settings"], plan["settings"]["variants"][variant]
+    return float(over.get("context_weight", s.get("context_weight", CONTEXT_WEIGHT)))
+
+
 def _raw(plan: dict, name: str, cache: dict):
     """The dataset as read (labels dropped as the plan says), once per invocation."""
     from .io import read_slices
@@ -259,6 +269,7 @@ def _per_slice(plan: dict, ds: dict, raw, adata, combo: Combination,
 def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
     from .baselines import banksy, graphst, smoothed_pca
     from .cluster import cluster
+    from .context import context_embedding
     from .graph import to_dgl
     from .integrate import integrate
     from .metrics import evaluate
@@ -288,6 +299,10 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
                 cache[emb_key] = adata.obsm[Keys.EMB]
             adata.obsm[Keys.EMB] = cache[emb_key]
             rep = Keys.EMB
+            weight = _context_weight(plan, combo.variant)
+            if weight > 0:  # what run() clusters
+                context_embedding(adata, batch_key, weight=weight, seed=combo.seed)
+                rep = Keys.EMB_CONTEXT
         elif combo.method == "smoothed_pca":
             smoothed_pca(adata, batch_key)
             rep = "X_pca_smoothed"

@@ -20,6 +20,9 @@ class Keys:
     PCA = "X_pca"
     EMB = "X_spamask"
     EMB_HARMONY = "X_spamask_harmony"
+    # what the domain caller sees (context.context_embedding), and its Harmony correction
+    EMB_CONTEXT = "X_spamask_context"
+    EMB_CONTEXT_HARMONY = "X_spamask_context_harmony"
     DOMAIN = "domain"
     UNS = "spamask"
     CONNECTIVITIES = "spamask_connectivities"

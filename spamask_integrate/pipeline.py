@@ -13,6 +13,7 @@ import anndata as ad
 
 from .cluster import N_STARTS, SPATIAL_PRIOR, cluster
 from .config import Keys, SpamaskConfig
+from .context import CONTEXT_WEIGHT, context_embedding
 from .errors import ConfigError
 from .graph import build_graph
 from .integrate import integrate
@@ -38,6 +39,7 @@ def run(
     refine: bool = False,
     n_starts: int = N_STARTS,
     spatial_prior: float = SPATIAL_PRIOR,
+    context_weight: float = CONTEXT_WEIGHT,
     graph_method: str = "knn",
     k: int | None = None,
     radius: float | None = None,
@@ -77,6 +79,9 @@ def run(
         Harmony on the embedding; ``None`` = on when there are several slices.
     n_starts, spatial_prior
         The domain caller's GMM starts and Potts strength (see :func:`cluster`).
+    context_weight
+        The caller clusters the embedding beside the spatial context of the model input,
+        weighted so (see :func:`context_embedding`); 0 clusters the embedding alone.
     checkpoint, checkpoint_every, resume
         Training checkpoints, as in :func:`train`.
     nproc, nnodes, node_rank, master_addr, master_port
@@ -98,6 +103,8 @@ def run(
     """
     config = (config or SpamaskConfig()).replace(**train_overrides)
     seed = config.seed
+    if not context_weight >= 0:  # before the training, not after it
+        raise ConfigError(f"context_weight={context_weight}: must be a number >= 0")
     if shard_slices or nproc > 1 or nnodes > 1:
         config.require_one_model("nproc/nnodes > 1 or shard_slices")
     timings: dict[str, float] = {}
@@ -136,10 +143,19 @@ def run(
             return adata
     n_slices = adata.obs[batch_key].nunique()
     use_harmony = (n_slices > 1) if harmony is None else bool(harmony)
+    if context_weight > 0:
+        with step("context"):
+            context_embedding(adata, batch_key, weight=context_weight, seed=seed)
     if use_harmony:
         with step("integrate"):
             integrate(adata, batch_key, seed=seed)
-    rep = Keys.EMB_HARMONY if use_harmony else Keys.EMB
+            if context_weight > 0:
+                integrate(adata, batch_key, use_rep=Keys.EMB_CONTEXT,
+                          key_added=Keys.EMB_CONTEXT_HARMONY, seed=seed)
+    if context_weight > 0:
+        rep = Keys.EMB_CONTEXT_HARMONY if use_harmony else Keys.EMB_CONTEXT
+    else:
+        rep = Keys.EMB_HARMONY if use_harmony else Keys.EMB
     with step("cluster"):
         cluster(adata, n_domains, cluster_method, use_rep=rep, batch_key=batch_key,
                 refine=refine, n_starts=n_starts, spatial_prior=spatial_prior, seed=seed)
@@ -152,6 +168,7 @@ def run(
               "slice_column": slice_column or "", "n_domains": n_domains or 0,
               "cluster_method": cluster_method, "harmony": use_harmony, "refine": refine,
               "n_starts": n_starts, "spatial_prior": spatial_prior,
+              "context_weight": context_weight,
               "graph_method": graph_method, "k": k or 0, "radius": radius or 0,
               "platform": platform or "", "preprocess": preprocess_kwargs or {},
               "train": config.to_dict(), "scib": scib, "scib_max_spots": scib_max_spots}
