@@ -103,8 +103,8 @@ def run(
     """
     config = (config or SpamaskConfig()).replace(**train_overrides)
     seed = config.seed
-    if not context_weight >= 0:  # before the training, not after it
-        raise ConfigError(f"context_weight={context_weight}: must be a number >= 0")
+    if not 0 <= context_weight < float("inf"):  # checked before the training, not after
+        raise ConfigError(f"context_weight={context_weight}: must be a finite number >= 0")
     if shard_slices or nproc > 1 or nnodes > 1:
         config.require_one_model("nproc/nnodes > 1 or shard_slices")
     timings: dict[str, float] = {}

@@ -95,8 +95,9 @@ def test_errors():
     del adata.obsm["X_pca"]
     with pytest.raises(si.InputError, match="X_pca"):
         si.context_embedding(adata, "slice")
-    with pytest.raises(si.ConfigError, match="context_weight"):
-        si.run(adata, None, context_weight=-0.5)
+    for bad in (-0.5, float("inf")):  # refused before any training
+        with pytest.raises(si.ConfigError, match="context_weight"):
+            si.run(adata, None, context_weight=bad)
 
 
 def test_run_clusters_the_context(tiny_slices):
