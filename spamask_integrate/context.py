@@ -57,8 +57,7 @@ def context_embedding(
     """
     from .cluster import reduce, same_slice_neighbours
 
-    if not np.isfinite(weight) or weight < 0:
-        raise ConfigError(f"context weight={weight}: must be a number >= 0")
+    check_weight(weight)
     if not 0.0 <= lambda_ <= 1.0:
         raise ConfigError(f"context lambda_={lambda_}: must be in [0, 1]")
     if int(n_pcs) < 1 or int(n_context_pcs) < 1:
@@ -91,6 +90,13 @@ def context_embedding(
                               "n_context_pcs": int(blocks[-1].shape[1]) if weight > 0 else 0,
                               "seed": seed, "key_added": key_added})
     return adata if copy else None
+
+
+def check_weight(weight: float) -> None:
+    """Raise :class:`ConfigError` unless ``weight`` is a finite number >= 0 (``run`` checks it
+    before training)."""
+    if not 0 <= weight < float("inf"):
+        raise ConfigError(f"context_weight={weight}: must be a finite number >= 0")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import anndata as ad
 
 from .cluster import N_STARTS, SPATIAL_PRIOR, cluster
 from .config import Keys, SpamaskConfig
-from .context import CONTEXT_WEIGHT, context_embedding
+from .context import CONTEXT_WEIGHT, check_weight, context_embedding
 from .errors import ConfigError
 from .graph import build_graph
 from .integrate import integrate
@@ -103,8 +103,7 @@ def run(
     """
     config = (config or SpamaskConfig()).replace(**train_overrides)
     seed = config.seed
-    if not 0 <= context_weight < float("inf"):  # checked before the training, not after
-        raise ConfigError(f"context_weight={context_weight}: must be a finite number >= 0")
+    check_weight(context_weight)  # before the training, not after it
     if shard_slices or nproc > 1 or nnodes > 1:
         config.require_one_model("nproc/nnodes > 1 or shard_slices")
     timings: dict[str, float] = {}
@@ -143,19 +142,18 @@ def run(
             return adata
     n_slices = adata.obs[batch_key].nunique()
     use_harmony = (n_slices > 1) if harmony is None else bool(harmony)
+    rep = Keys.EMB  # what the caller clusters
     if context_weight > 0:
         with step("context"):
             context_embedding(adata, batch_key, weight=context_weight, seed=seed)
+        rep = Keys.EMB_CONTEXT
     if use_harmony:
+        corrected = {Keys.EMB: Keys.EMB_HARMONY, Keys.EMB_CONTEXT: Keys.EMB_CONTEXT_HARMONY}
         with step("integrate"):
-            integrate(adata, batch_key, seed=seed)
-            if context_weight > 0:
-                integrate(adata, batch_key, use_rep=Keys.EMB_CONTEXT,
-                          key_added=Keys.EMB_CONTEXT_HARMONY, seed=seed)
-    if context_weight > 0:
-        rep = Keys.EMB_CONTEXT_HARMONY if use_harmony else Keys.EMB_CONTEXT
-    else:
-        rep = Keys.EMB_HARMONY if use_harmony else Keys.EMB
+            integrate(adata, batch_key, seed=seed)  # the embedding's, for the UMAP and scib
+            if rep != Keys.EMB:
+                integrate(adata, batch_key, use_rep=rep, key_added=corrected[rep], seed=seed)
+        rep = corrected[rep]
     with step("cluster"):
         cluster(adata, n_domains, cluster_method, use_rep=rep, batch_key=batch_key,
                 refine=refine, n_starts=n_starts, spatial_prior=spatial_prior, seed=seed)
