@@ -17,9 +17,10 @@ later ones load them ("warm", as a user's second run on the same data); each run
 ``--dlpfc`` runs the four shared DLPFC slices themselves instead (four files, all genes):
 ``spamask-integrate run 151673.h5ad ... 151676.h5ad --label-key layer --n-domains 7``.
 
-Usage: python benchmarks/run_tiled.py --spots 1000000 [--repeats 2] [--add]
+Usage: python benchmarks/run_tiled.py --spots 1000000 [--repeats 2] [--add] [--name NAME]
+           [--cli "--context-weight 0"]
        python benchmarks/run_tiled.py --dlpfc [--repeats 2]
-Result: benchmarks/results/run_tiled_<N>.json, run_dlpfc.json
+Result: benchmarks/results/run_tiled_<N>.json, run_dlpfc.json (or NAME.json)
 """
 
 from __future__ import annotations
@@ -67,12 +68,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--add", action="store_true", help="keep the runs already measured")
     parser.add_argument("--out", default="/tmp/run_tiled")
+    parser.add_argument("--cli", default="",
+                        help="extra options for `run`, one string (e.g. '--context-weight 0')")
+    parser.add_argument("--name", default=None,
+                        help="result file name (default run_tiled_<N> or run_dlpfc)")
     args = parser.parse_args()
     if args.dlpfc == (args.spots is not None):
         parser.error("give --spots N or --dlpfc")
     if args.spots is not None:
         tiled(args.spots)  # build and cache the data outside the timed runs
-    name = "run_dlpfc" if args.dlpfc else f"run_tiled_{args.spots}"
+    name = args.name or ("run_dlpfc" if args.dlpfc else f"run_tiled_{args.spots}")
     old = json.loads((RESULTS / f"{name}.json").read_text()) if args.add and \
         (RESULTS / f"{name}.json").exists() else {"runs": []}
     runs = old["runs"]
@@ -80,7 +85,7 @@ def main() -> None:
     cache = Path(tempfile.mkdtemp(prefix="spamask_cache_"))
     for i in range(args.repeats):
         out = Path(f"{args.out}_{args.spots or 'dlpfc'}_{len(runs)}")
-        runs.append(one_run(args.spots, out, [], cache))
+        runs.append(one_run(args.spots, out, args.cli.split(), cache))
         dom = pd.read_csv(out / "domains.csv", index_col=0)["domain"].astype(str)
         if first_domains is None:
             first_domains = dom
@@ -95,7 +100,8 @@ def main() -> None:
         "n_spots": runs[0]["n_spots"], "n_slices": runs[0]["n_slices"], "repeats": len(runs),
         "settings": "defaults (CLI run with " + ("the four files" if args.dlpfc else
                                                  "--slice-column") +
-                    ", --label-key, --n-domains 7 only)",
+                    ", --label-key, --n-domains 7" + (f", {args.cli}" if args.cli else " only")
+                    + ")",
         "seconds": seconds, "total_seconds": med("total_seconds"),
         "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
         "ari_mean_slice": med("ari_mean_slice"), "nmi_mean_slice": med("nmi_mean_slice"),
