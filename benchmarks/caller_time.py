@@ -1,9 +1,12 @@
 """Seconds of the domain caller (``cluster`` with its defaults) against a plain one-start GMM,
 at growing spot counts, on synthetic embeddings (30 dims, 7 layered domains, 12 slices).
 
-The caller fits its 60 starts (the default) on a sample of at most 20,000 spots and runs the Potts EM over
-the sparse graph, so its cost should grow linearly in spots.
-Usage: python benchmarks/caller_time.py --spots 11380 100000 1000000
+The caller fits its starts (the default number, or ``--n-starts``) on a sample of at most
+20,000 spots and runs the Potts EM over the sparse graph, so its cost should grow linearly
+in spots.
+
+Usage: python benchmarks/caller_time.py --spots 11380 100000 1000000 [--n-starts N] [--tag T]
+Result: benchmarks/results/caller_time_<spots>[_<T>].json
 """
 
 from __future__ import annotations
@@ -43,15 +46,19 @@ def synthetic_embedding(n_spots: int, n_slices: int = 12, dims: int = 30, noise:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--spots", type=int, nargs="+", default=[11_380, 100_000, 1_000_000])
+    parser.add_argument("--n-starts", type=int, default=None,
+                        help="the caller's GMM starts (default: the library's default)")
+    parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     import spamask_integrate as si
     from sklearn.metrics import adjusted_rand_score
 
     for n in args.spots:
         adata = synthetic_embedding(n)
-        row = {"n_spots": adata.n_obs}
+        row = {"n_spots": adata.n_obs, "n_starts": args.n_starts or si.mixture.N_STARTS}
         for name, opts in (("plain_gmm", {"n_starts": 1, "spatial_prior": 0.0}),
-                           ("caller", {})):
+                           ("caller", {} if args.n_starts is None
+                            else {"n_starts": args.n_starts})):
             tic = time.perf_counter()
             si.cluster(adata, 7, use_rep="X_emb", seed=0, **opts)
             row[f"{name}_seconds"] = time.perf_counter() - tic
@@ -61,7 +68,7 @@ def main() -> None:
         print(f"{n:,} spots: plain GMM {row['plain_gmm_seconds']:.1f} s (ARI "
               f"{row['plain_gmm_ari']:.3f}), caller {row['caller_seconds']:.1f} s (ARI "
               f"{row['caller_ari']:.3f}), adds {row['added_seconds']:.1f} s")
-        write_result(f"caller_time_{adata.n_obs}", row)
+        write_result(f"caller_time_{adata.n_obs}" + (f"_{args.tag}" if args.tag else ""), row)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ caller's input before the context). Mean over slices of the per-slice ARI.
 
 ``--caller-offset N`` also runs the caller with seed s + N on the same input (the context,
 Harmony and the training keep seed s) and reports whether the two partitions are the same:
-does the answer depend on the caller's own seed?
+does the answer depend on the caller's own seed? ``--n-starts N`` gives the caller N GMM
+starts instead of the default.
 
 Usage: python benchmarks/context_weight.py benchmarks/plans/osmfish_default.yaml
            --tag osmfish --seeds 0-19 --store /tmp/cstore --weights 0,0.25,0.5,1
@@ -39,8 +40,11 @@ def main() -> None:
     ap.add_argument("--weights", default="0,0.5")
     ap.add_argument("--name", default=None)
     ap.add_argument("--caller-offset", type=int, default=0)
+    ap.add_argument("--n-starts", type=int, default=None,
+                    help="the caller's GMM starts (default: the library's default)")
     args = ap.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
+    starts = {} if args.n_starts is None else {"n_starts": args.n_starts}
     plan = B.load_plan(args.plan)
     ds, adata = B._prepared(plan, plan["datasets"][0]["name"], "default", {})
     batch_key = ds.get("batch_key", "slice")
@@ -69,14 +73,14 @@ def main() -> None:
                              seed=seed)
                 rep = f"{rep}_harmony"
             si.cluster(adata, int(ds.get("n_domains", 7)), "gmm", use_rep=rep,
-                       batch_key=batch_key, seed=seed)
+                       batch_key=batch_key, seed=seed, **starts)
             domains = adata.obs["domain"].to_numpy()
             out[str(w)][str(seed)] = score(domains)
             row.append(f"{w:g}: {out[str(w)][str(seed)]:.4f}")
             if args.caller_offset:
                 si.cluster(adata, int(ds.get("n_domains", 7)), "gmm", use_rep=rep,
                            batch_key=batch_key, seed=seed + args.caller_offset,
-                           key_added="domain_other")
+                           key_added="domain_other", **starts)
                 again = adata.obs["domain_other"].to_numpy()
                 other[str(w)][str(seed)] = {"ari": score(again),
                                             "agreement": adjusted_rand_score(domains, again)}
@@ -107,7 +111,8 @@ def main() -> None:
                   f"{moved.max():.3f} at most")
     write_result(f"context_weight_{args.tag}" if args.name is None else args.name,
                  {"plan": args.plan, "seeds": args.seeds, "weights": weights,
-                  "caller_offset": args.caller_offset, "scores": out,
+                  "caller_offset": args.caller_offset, "n_starts": args.n_starts,
+                  "scores": out,
                   "other_caller_seed": other if args.caller_offset else {},
                   "summary": summary})
 

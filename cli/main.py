@@ -211,7 +211,7 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
 @click.option("--harmony/--no-harmony", default=None, help="Harmony [on for several slices].")
 @click.option("--refine/--no-refine", default=None, help="Spatial majority-vote refinement.")
 @click.option("--n-starts", type=click.IntRange(min=1), default=None,
-              help="GMM starts of the domain caller [60].")
+              help="GMM starts of the domain caller [120].")
 @click.option("--spatial-prior", type=click.FloatRange(min=0), default=None,
               help="Potts strength of the domain caller, 0 = none [4].")
 @click.option("--context-weight", type=click.FloatRange(min=0), default=None,
