@@ -55,10 +55,10 @@ def main() -> None:
 
     for n in args.spots:
         adata = synthetic_embedding(n)
-        row = {"n_spots": adata.n_obs, "n_starts": args.n_starts or si.mixture.N_STARTS}
+        starts = args.n_starts or si.mixture.N_STARTS
+        row = {"n_spots": adata.n_obs, "n_starts": starts}
         for name, opts in (("plain_gmm", {"n_starts": 1, "spatial_prior": 0.0}),
-                           ("caller", {} if args.n_starts is None
-                            else {"n_starts": args.n_starts})):
+                           ("caller", {"n_starts": starts})):
             tic = time.perf_counter()
             si.cluster(adata, 7, use_rep="X_emb", seed=0, **opts)
             row[f"{name}_seconds"] = time.perf_counter() - tic
