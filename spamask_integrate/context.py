@@ -7,10 +7,11 @@ a strong domain signal (smoothed PCA alone scores about as well there). The cont
 BANKSY's construction applied to the model input ``obsm["X_pca"]``: each spot's input beside
 the mean of its same-slice spatial neighbours, weighted ``sqrt(1 - lambda_)`` and
 ``sqrt(lambda_)``, reduced by PCA. Both blocks are centred and scaled to the same mean row
-norm, and the context block is weighted by ``weight``. With the default 0.5 the osmFISH
-section scored 0.694 instead of 0.652 over 20 seeds and the four DLPFC slices 0.577 instead
-of 0.582 over 30; ``weight=0`` gives the embedding alone (benchmarks/README.md, "The
-caller's input: the embedding beside the input's spatial context").
+norm, and the context block is weighted by ``weight``. With the default 0.5 (and the caller's
+60 starts of then) the osmFISH section scored 0.694 instead of 0.652 over 20 seeds and the
+four DLPFC slices 0.577 instead of 0.582 over 30; ``weight=0`` gives the embedding alone
+(benchmarks/README.md, "The caller's input: the embedding beside the input's spatial
+context").
 """
 
 from __future__ import annotations
