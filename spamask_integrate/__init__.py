@@ -10,7 +10,7 @@ from .errors import ConfigError, DependencyError, InputError, ResourceError, Spa
 from .graph import build_graph, to_dgl
 from .io import atomic_write, read_slices
 from .cluster import cluster, refine_labels
-from .context import context_embedding
+from .context import caller_input, context_embedding
 from .integrate import integrate
 from .io import write_outputs
 from .metrics import evaluate, metrics_table
@@ -27,7 +27,8 @@ except PackageNotFoundError:  # running from a source tree without install
 __all__ = [
     "ConfigError", "DependencyError", "InputError", "Keys", "ResourceError", "SpaMask",
     "SpaMaskEnsemble",
-    "SpamaskConfig", "SpamaskError", "atomic_write", "build_graph", "cluster", "context_embedding",
+    "SpamaskConfig", "SpamaskError", "atomic_write", "build_graph", "caller_input", "cluster",
+    "context_embedding",
     "datasets",
     "enable_compile_cache", "evaluate", "integrate", "metrics_table", "preprocess",
     "read_slices", "refine_labels", "run", "to_dgl", "train", "write_outputs",

@@ -269,7 +269,7 @@ def _per_slice(plan: dict, ds: dict, raw, adata, combo: Combination,
 def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
     from .baselines import banksy, graphst, smoothed_pca
     from .cluster import cluster
-    from .context import context_embedding
+    from .context import caller_input
     from .graph import to_dgl
     from .integrate import integrate
     from .metrics import evaluate
@@ -282,7 +282,8 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
         ds, adata = _prepared(plan, combo.dataset, combo.variant, cache)
         batch_key = ds.get("batch_key", Keys.BATCH)
         _, train_opts, _, refine = _options(plan, ds, combo.variant)
-        rep: str | None
+        rep: str | None  # what the caller clusters
+        scored: str | None = None  # what scib scores, if not rep
         if combo.method == "spamask_per_slice":
             _per_slice(plan, ds, _raw(plan, combo.dataset, cache)[1], adata, combo,
                        train_opts)
@@ -298,11 +299,10 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
                       **{**train_opts, **extra})
                 cache[emb_key] = adata.obsm[Keys.EMB]
             adata.obsm[Keys.EMB] = cache[emb_key]
-            rep = Keys.EMB
+            # what run() clusters and scores, Harmony included
             weight = _context_weight(plan, combo.variant)
-            if weight > 0:  # what run() clusters
-                context_embedding(adata, batch_key, weight=weight, seed=combo.seed)
-                rep = Keys.EMB_CONTEXT
+            scored, rep = caller_input(adata, batch_key, weight=weight, harmony=combo.harmony,
+                                       seed=combo.seed)
         elif combo.method == "smoothed_pca":
             smoothed_pca(adata, batch_key)
             rep = "X_pca_smoothed"
@@ -315,19 +315,20 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
             rep = "X_banksy"
         else:
             rep = Keys.PCA
-        if combo.harmony and rep is not None:
+        if combo.harmony and rep is not None and scored is None:
             integrate(adata, batch_key, use_rep=rep, key_added=f"{rep}_harmony", seed=combo.seed)
             rep = f"{rep}_harmony"
+        scored = scored or rep
         if rep is not None:
             cluster(adata, ds.get("n_domains", 7), combo.cluster, use_rep=rep,
                     batch_key=batch_key, refine=refine, seed=combo.seed)
         # per-slice embeddings live in unrelated spaces: no joint integration score for them
-        scib = bool(s.get("scib", False)) and rep is not None
-        table = evaluate(adata, ds.get("label_key"), batch_key, [rep] if scib else None,
+        scib = bool(s.get("scib", False)) and scored is not None
+        table = evaluate(adata, ds.get("label_key"), batch_key, [scored] if scib else None,
                          scib=scib, scib_max_spots=s.get("scib_max_spots", "auto"),
                          seed=combo.seed)
-        if rep is not None:
-            table["embedding"] = table["embedding"].replace(rep, "embedding")
+        if scored is not None:
+            table["embedding"] = table["embedding"].replace(scored, "embedding")
         for col, value in base.items():
             table[col] = value
         table["status"], table["error"] = "ok", ""

@@ -16,6 +16,9 @@ context").
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Callable, ContextManager
+
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
@@ -91,6 +94,46 @@ def context_embedding(
                               "n_context_pcs": int(blocks[-1].shape[1]) if weight > 0 else 0,
                               "seed": seed, "key_added": key_added})
     return adata if copy else None
+
+
+def caller_input(
+    adata: ad.AnnData,
+    batch_key: str = Keys.BATCH,
+    *,
+    weight: float = CONTEXT_WEIGHT,
+    harmony: bool = True,
+    seed: int = 0,
+    step: Callable[[str], ContextManager] | None = None,
+) -> tuple[str, str]:
+    """From a trained ``obsm["X_spamask"]``, make what a run hands on; returns the keys
+    ``(scored, clustered)``.
+
+    ``scored`` is the embedding, Harmony-corrected across ``batch_key`` when ``harmony``
+    (``X_spamask_harmony``, else ``X_spamask``): the UMAP and the scib metrics read it.
+    ``clustered`` is what the domain caller clusters: with ``weight > 0`` the embedding
+    beside the input's spatial context (:func:`context_embedding`), Harmony-corrected on its
+    own (``X_spamask_context_harmony``); with ``weight=0`` the same as ``scored``. ``run``
+    and the benchmark harness both call this, so they cluster and score the same things.
+    ``step(name)``, if given, wraps the "context" and "integrate" stages (``run`` times them).
+    """
+    from .integrate import integrate
+
+    check_weight(weight)
+    step = step or (lambda name: nullcontext())
+    clustered = Keys.EMB
+    if weight > 0:
+        with step("context"):
+            context_embedding(adata, batch_key, weight=weight, seed=seed)
+        clustered = Keys.EMB_CONTEXT
+    if not harmony:
+        return Keys.EMB, clustered
+    corrected = {Keys.EMB: Keys.EMB_HARMONY, Keys.EMB_CONTEXT: Keys.EMB_CONTEXT_HARMONY}
+    with step("integrate"):
+        integrate(adata, batch_key, seed=seed)
+        if clustered != Keys.EMB:
+            integrate(adata, batch_key, use_rep=clustered, key_added=corrected[clustered],
+                      seed=seed)
+    return Keys.EMB_HARMONY, corrected[clustered]
 
 
 def check_weight(weight: float) -> None:

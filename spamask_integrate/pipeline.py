@@ -13,10 +13,9 @@ import anndata as ad
 
 from .cluster import N_STARTS, SPATIAL_PRIOR, cluster
 from .config import Keys, SpamaskConfig
-from .context import CONTEXT_WEIGHT, check_weight, context_embedding
+from .context import CONTEXT_WEIGHT, caller_input, check_weight
 from .errors import ConfigError
 from .graph import build_graph
-from .integrate import integrate
 from .io import read_slices, slice_categories, write_outputs
 from .metrics import evaluate
 from .preprocess import preprocess
@@ -142,18 +141,8 @@ def run(
             return adata
     n_slices = adata.obs[batch_key].nunique()
     use_harmony = (n_slices > 1) if harmony is None else bool(harmony)
-    rep = Keys.EMB  # what the caller clusters
-    if context_weight > 0:
-        with step("context"):
-            context_embedding(adata, batch_key, weight=context_weight, seed=seed)
-        rep = Keys.EMB_CONTEXT
-    if use_harmony:
-        corrected = {Keys.EMB: Keys.EMB_HARMONY, Keys.EMB_CONTEXT: Keys.EMB_CONTEXT_HARMONY}
-        with step("integrate"):
-            integrate(adata, batch_key, seed=seed)  # the embedding's, for the UMAP and scib
-            if rep != Keys.EMB:
-                integrate(adata, batch_key, use_rep=rep, key_added=corrected[rep], seed=seed)
-        rep = corrected[rep]
+    _, rep = caller_input(adata, batch_key, weight=context_weight, harmony=use_harmony,
+                          seed=seed, step=step)
     with step("cluster"):
         cluster(adata, n_domains, cluster_method, use_rep=rep, batch_key=batch_key,
                 refine=refine, n_starts=n_starts, spatial_prior=spatial_prior, seed=seed)

@@ -129,3 +129,36 @@ def test_unknown_peer_is_a_config_error(tmp_path):
 """)
     with pytest.raises(si.ConfigError, match="unknown method.*banksy_2"):
         load_plan(plan)
+
+
+def test_spamask_rows_are_what_run_gives(tiny_slices, tmp_path):
+    """The harness clusters what run() clusters (the context beside the embedding, after
+    Harmony) and scib scores what run() scores (the Harmony-corrected embedding)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    paths = write_h5ad_slices(tiny_slices, folder)
+    plan = _plan(tmp_path, paths, """
+  methods: [spamask]
+  harmony: [true]
+  seeds: [2]
+  scib: true
+  scib_max_spots: 300
+""")
+    results = run_plan(plan, tmp_path / "out", progress=False)
+    assert (results["status"] == "ok").all(), results[results.status != "ok"].error.tolist()
+    adata = si.run([str(p) for p in paths], None, label_key="ground_truth", n_domains=4, k=6,
+                   preprocess_kwargs=dict(n_top_genes=None, n_comps=20, min_cells=5),
+                   scib=True, scib_max_spots=300, seed=2, epochs=30, hidden_dim=32,
+                   latent_dim=16, edge_decoder_hidden=32)
+    assert adata.uns["spamask"]["cluster"]["use_rep"] == "X_spamask_context_harmony"
+    ran = si.metrics_table(adata)
+
+    def values(table, kind, embedding):
+        rows = table[(table["kind"] == kind) & (table["embedding"] == embedding)]
+        return rows.set_index(["scope", "metric"])["value"].astype(float).sort_index()
+
+    domains = values(results, "domain", "")
+    assert len(domains) and domains.equals(values(ran, "domain", ""))
+    scib = values(results, "integration", "embedding")
+    assert len(scib) > 5
+    pd.testing.assert_series_equal(scib, values(ran, "integration", "X_spamask_harmony"))

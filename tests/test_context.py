@@ -109,3 +109,31 @@ def test_run_clusters_the_context(tiny_slices):
     assert adata.obsm["X_spamask_context"].shape == (600, 16 + 20)
     assert adata.uns["spamask"]["run"]["params"]["context_weight"] == 0.5
     assert "context" in adata.uns["spamask"]["run"]["seconds"]
+
+
+def test_caller_input_keys():
+    adata = _two_slices()
+    assert si.caller_input(adata, "slice", weight=0.5, harmony=False) == (
+        "X_spamask", "X_spamask_context")
+    assert "X_spamask_harmony" not in adata.obsm
+    assert si.caller_input(adata, "slice", weight=0.0, harmony=True, seed=1) == (
+        "X_spamask_harmony", "X_spamask_harmony")
+    assert si.caller_input(adata, "slice", weight=0.5, harmony=True, seed=1) == (
+        "X_spamask_harmony", "X_spamask_context_harmony")
+    assert adata.obsm["X_spamask_context_harmony"].shape[0] == adata.n_obs
+    stages = []
+
+    class Step:
+        def __init__(self, name):
+            stages.append(name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    si.caller_input(adata, "slice", weight=0.5, harmony=True, step=Step)
+    assert stages == ["context", "integrate"]
+    with pytest.raises(si.ConfigError, match="context_weight"):
+        si.caller_input(adata, "slice", weight=-1.0)
