@@ -4,8 +4,9 @@ the model input at several weights (``context_embedding``), on stored embeddings
 Prepares a plan's first dataset as the benchmark harness does (the same spot names, so the
 caller's sample is the harness's), loads each seed's embedding stored by
 ``model_ensembles.py train`` and runs what ``run`` runs after training: the context block,
-Harmony when the plan has it, the default caller. Weight 0 is the embedding alone (the
-caller's input before the context). Mean over slices of the per-slice ARI.
+Harmony when the plan has it (``caller_input``, as ``run``), the default caller. Weight 0 is
+the embedding alone (the caller's input before the context). The score is the harness's:
+the mean over slices of the per-slice ARI of ``evaluate``.
 
 ``--caller-offset N`` also runs the caller with seed s + N on the same input (the context,
 Harmony and the training keep seed s) and reports whether the two partitions are the same:
@@ -50,13 +51,11 @@ def main() -> None:
     batch_key = ds.get("batch_key", "slice")
     harmony = bool(plan["settings"].get("harmony", [True])[0]) \
         and adata.obs[batch_key].nunique() > 1
-    labels = adata.obs[ds["label_key"]].astype(str).to_numpy()
-    slices = adata.obs[batch_key].astype(str).to_numpy()
-    known = ~np.isin(labels, ["nan", "None", ""])
 
-    def score(domains: np.ndarray) -> float:
-        return float(np.mean([adjusted_rand_score(labels[m], domains[m])
-                              for s in np.unique(slices) for m in [(slices == s) & known]]))
+    def score(key: str) -> float:  # the harness's score: mean over slices of the per-slice ARI
+        t = si.evaluate(adata, ds["label_key"], batch_key, domain_key=key, scib=False)
+        return float(t[(t["kind"] == "domain") & (t["metric"] == "ARI")
+                       & (t["scope"] != "all")]["value"].mean())
 
     out: dict = {str(w): {} for w in weights}
     other: dict = {str(w): {} for w in weights}  # with the caller seed + offset
@@ -64,27 +63,21 @@ def main() -> None:
         adata.obsm["X_spamask"] = np.load(args.store / f"{args.tag}_{seed}.npz")["emb"]
         row = []
         for w in weights:
-            rep = "X_spamask"
-            if w > 0:
-                si.context_embedding(adata, batch_key, weight=w, seed=seed)
-                rep = "X_spamask_context"
-            if harmony:
-                si.integrate(adata, batch_key, use_rep=rep, key_added=f"{rep}_harmony",
-                             seed=seed)
-                rep = f"{rep}_harmony"
+            _, rep = si.caller_input(adata, batch_key, weight=w, harmony=harmony, seed=seed)
             si.cluster(adata, int(ds.get("n_domains", 7)), "gmm", use_rep=rep,
                        batch_key=batch_key, seed=seed, **starts)
             domains = adata.obs["domain"].to_numpy()
-            out[str(w)][str(seed)] = score(domains)
+            out[str(w)][str(seed)] = score("domain")
             row.append(f"{w:g}: {out[str(w)][str(seed)]:.4f}")
             if args.caller_offset:
                 si.cluster(adata, int(ds.get("n_domains", 7)), "gmm", use_rep=rep,
                            batch_key=batch_key, seed=seed + args.caller_offset,
                            key_added="domain_other", **starts)
                 again = adata.obs["domain_other"].to_numpy()
-                other[str(w)][str(seed)] = {"ari": score(again),
+                other[str(w)][str(seed)] = {"ari": score("domain_other"),
                                             "agreement": adjusted_rand_score(domains, again)}
-                row.append(f"(caller seed +{args.caller_offset}: {score(again):.4f}, "
+                row.append(f"(caller seed +{args.caller_offset}: "
+                           f"{other[str(w)][str(seed)]['ari']:.4f}, "
                            f"agreement {other[str(w)][str(seed)]['agreement']:.3f})")
         print(f"seed {seed}", ", ".join(row), flush=True)
     base = np.array(list(out[str(weights[0])].values()))
