@@ -76,6 +76,25 @@ def test_context_is_the_input_beside_its_same_slice_neighbour_mean():
         assert abs(np.corrcoef(before[:, c], after[:, c])[0, 1]) > 1 - 1e-6
 
 
+def test_a_spot_without_same_slice_neighbours_is_its_own_context():
+    adata = _two_slices()
+    import scipy.sparse as sp
+
+    conn = sp.lil_matrix(adata.obsp["spamask_connectivities"])
+    conn[0, :] = 0
+    conn[:, 0] = 0  # spot 0 keeps no edge (the context ignores self-loops anyway)
+    adata.obsp["spamask_connectivities"] = conn.tocsr()
+    lam = 0.8
+    si.context_embedding(adata, "slice", weight=1.0, lambda_=lam, n_pcs=5)
+    block = adata.obsm["X_spamask_context"][:, 5:]
+    x = adata.obsm["X_pca"]
+    conn = adata.obsp["spamask_connectivities"]
+    mean = np.vstack([x[0]] + [x[conn[i].indices[conn[i].indices != i]].mean(0)
+                               for i in range(1, adata.n_obs)])
+    expected = _unit(np.hstack([np.sqrt(1 - lam) * x, np.sqrt(lam) * mean]))
+    assert np.allclose(block, expected, atol=1e-5)
+
+
 def test_deterministic_under_a_seed():
     a, b = _two_slices(), _two_slices()
     a.obsm["X_pca"] = np.random.default_rng(3).normal(size=(80, 50))  # reduced by PCA
