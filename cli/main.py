@@ -192,7 +192,7 @@ def _print_scores(metrics, out: Path | None) -> None:
 
 # ------------------------------------------------------------------------------------ run
 RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_method", "harmony", "refine",
-            "n_starts", "spatial_prior", "context_weight", "graph_method", "k", "radius", "platform", "scib",
+            "n_starts", "spatial_prior", "n_components", "context_weight", "graph_method", "k", "radius", "platform", "scib",
             "scib_max_spots", "figures"}
 
 
@@ -214,6 +214,10 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
               help="GMM starts of the domain caller [120].")
 @click.option("--spatial-prior", type=click.FloatRange(min=0), default=None,
               help="Potts strength of the domain caller, 0 = none [4].")
+@click.option("--n-components", type=click.IntRange(min=2), default=None,
+              help="Mixture components of the domain caller, joined into K domains by how "
+                   "distinct their expression is (opt-in, e.g. 2 K for layered tissue; see "
+                   "benchmarks/README.md) [K].")
 @click.option("--context-weight", type=click.FloatRange(min=0), default=None,
               help="Weight of the input's spatial context beside the embedding in what the "
                    "domain caller sees, 0 = the embedding alone [0.5].")

@@ -10,6 +10,7 @@ Variants (``settings.variants``) are named overrides of the defaults, for ablati
       k_6: {k: 6}
       refined: {refine: true}
       embedding_alone: {context_weight: 0}
+      merged_from_14: {n_components: 14}   # the caller's opt-in merge, for every method
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ _PEER = re.compile(r"banksy_(0(?:\.\d+)?)")
 
 def _known_method(name: str) -> bool:
     return name in METHODS or _PEER.fullmatch(str(name)) is not None
-VARIANT_FIELDS = ("train", "preprocess", "k", "refine", "context_weight")
+VARIANT_FIELDS = ("train", "preprocess", "k", "refine", "context_weight", "n_components")
 _REFERENCE_MASKING = {"mask_mode": "reference", "edge_mask": "reference"}
 KEY_COLUMNS = ["dataset", "method", "variant", "harmony", "cluster", "seed"]
 RESULT_COLUMNS = KEY_COLUMNS + ["status", "error", "seconds", "kind", "scope", "embedding",
@@ -208,6 +209,14 @@ def _context_weight(plan: dict, variant: str) -> float:
     return float(over.get("context_weight", s.get("context_weight", CONTEXT_WEIGHT)))
 
 
+def _n_components(plan: dict, variant: str) -> int | None:
+    """Mixture components of the domain caller before they are joined into K domains, for
+    every method (``n_components`` in the settings or a variant; ``None``: K, no merge)."""
+    s, over = plan["settings"], plan["settings"]["variants"][variant]
+    value = over.get("n_components", s.get("n_components"))
+    return None if value is None else int(value)
+
+
 def _raw(plan: dict, name: str, cache: dict):
     """The dataset as read (labels dropped as the plan says), once per invocation."""
     from .io import read_slices
@@ -261,7 +270,8 @@ def _per_slice(plan: dict, ds: dict, raw, adata, combo: Combination,
         build_graph(one, batch_key, k=k)
         train(one, to_dgl(one, batch_key), batch_key, seed=combo.seed, quiet=True, **train_opts)
         cluster(one, ds.get("n_domains", 7), combo.cluster, use_rep=Keys.EMB,
-                batch_key=batch_key, refine=refine, seed=combo.seed)
+                batch_key=batch_key, refine=refine, seed=combo.seed,
+                n_components=_n_components(plan, combo.variant))
         domains[one.obs_names] = f"{name}:" + one.obs[Keys.DOMAIN].astype(str)
     adata.obs[Keys.DOMAIN] = pd.Categorical(domains.to_numpy())
 
@@ -321,7 +331,8 @@ def _run_one(plan: dict, combo: Combination, cache: dict) -> pd.DataFrame:
         scored = scored or rep
         if rep is not None:
             cluster(adata, ds.get("n_domains", 7), combo.cluster, use_rep=rep,
-                    batch_key=batch_key, refine=refine, seed=combo.seed)
+                    batch_key=batch_key, refine=refine, seed=combo.seed,
+                    n_components=_n_components(plan, combo.variant))
         # per-slice embeddings live in unrelated spaces: no joint integration score for them
         scib = bool(s.get("scib", False)) and scored is not None
         table = evaluate(adata, ds.get("label_key"), batch_key, [scored] if scib else None,

@@ -12,8 +12,8 @@ import scipy.sparse as sp
 
 from .config import Keys
 from .errors import ConfigError, InputError
-from .mixture import (MCLUST_MODELS, N_STARTS, fit_gmm, medoid_start, neighbour_share,
-                      potts_em)
+from .mixture import (MCLUST_MODELS, N_STARTS, fit_gmm, medoid_start, merge_components,
+                      neighbour_share, potts_em)
 from .utils import batch_codes, record, require_obsm
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def cluster(
     k_range: tuple[int, int] = (2, 15),
     n_starts: int = N_STARTS,
     spatial_prior: float = SPATIAL_PRIOR,
+    n_components: int | None = None,
+    merge_rep: str = Keys.PCA,
     refine: bool = False,
     max_fit: int = 200_000,
     seed: int = 0,
@@ -60,6 +62,13 @@ def cluster(
     n_starts, spatial_prior
         GMM starts, and the largest log-odds a spot's neighbours add to a domain (0: none;
         needs ``gmm_model="EEE"``). ``n_starts=1, spatial_prior=0`` is a plain GMM.
+    n_components, merge_rep
+        Opt-in, for layered tissue whose embedding is a smooth gradient (not the default:
+        it lowers osmFISH, benchmarks/README.md, "More components than domains"): the GMM
+        caller fits ``n_components`` (> K, e.g. 2 K) components, then joins them into K
+        domains by how distinct they are in ``obsm[merge_rep]``, the model input (Ward's
+        criterion under the pooled within-component covariance;
+        :func:`~spamask_integrate.mixture.merge_components`). ``None``: K components.
     refine
         Relabel each spot by majority vote of its spatial neighbours in its own slice
         (``obs[key_added + "_unrefined"]`` keeps the labels before).
@@ -83,12 +92,18 @@ def cluster(
     if int(n_starts) < 1 or spatial_prior < 0:
         raise ConfigError(f"n_starts={n_starts}, spatial_prior={spatial_prior}: need "
                           "n_starts >= 1 and spatial_prior >= 0")
+    if n_components is not None and method != "gmm":
+        raise ConfigError(f"n_components={n_components} needs method='gmm' (got {method!r})")
+    if n_components is not None and n_domains is not None and int(n_components) < int(n_domains):
+        raise ConfigError(f"n_components={n_components}: need at least n_domains={n_domains}")
     if method == "gmm" and spatial_prior > 0 and gmm_model != "EEE":
         raise ConfigError(f"spatial_prior needs gmm_model='EEE' (got {gmm_model!r}); "
                           "or pass spatial_prior=0")
     if use_rep is None:
         use_rep = Keys.EMB_HARMONY if Keys.EMB_HARMONY in adata.obsm else Keys.EMB
     require_obsm(adata, use_rep, "train a model (and integrate) first")
+    if n_components is not None:
+        require_obsm(adata, merge_rep, "the components are joined into domains there")
     if n_domains is not None and n_domains > adata.n_obs:
         raise ConfigError(f"n_domains={n_domains}: more than the {adata.n_obs} spots")
     adata = adata.copy() if copy else adata
@@ -108,9 +123,23 @@ def cluster(
         share = None
         if spatial_prior > 0:
             share = neighbour_share(same_slice_neighbours(adata, batch_key)[order][:, order])
-        labels, info = _gmm(x, n_domains, gmm_model, seed, max_fit, names, int(n_starts),
-                            float(spatial_prior), share)
+        n_fit = n_domains if n_components is None else int(n_components)
+        if n_fit < n_domains:  # K was estimated above
+            raise ConfigError(f"n_components={n_fit}: need at least the {n_domains} domains")
+        n_fit = min(n_fit, adata.n_obs)
+        labels, info, resp = _gmm(x, n_fit, gmm_model, seed, max_fit, names, int(n_starts),
+                                  float(spatial_prior), share)
         params.update(gmm_model=gmm_model, **info)
+        if n_fit > n_domains:
+            mapping = merge_components(resp, adata.obsm[merge_rep], n_domains, rows=order)
+            labels = mapping[labels]
+            params.update(n_components=n_fit, merge_rep=merge_rep,
+                          merged=[np.flatnonzero(mapping == g).tolist()
+                                  for g in range(n_domains)])
+            logger.info("cluster: %d mixture components joined into %d domains in obsm[%r]",
+                        n_fit, n_domains, merge_rep)
+        else:
+            params.update(n_components=n_fit, merge_rep="")
     elif method == "kmeans":
         labels = _kmeans(x, n_domains, seed, max_fit)
     else:
@@ -150,8 +179,9 @@ def _gmm_fit(x: np.ndarray, k: int, model: str, seed: int, max_fit: int):
 
 
 def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int, groups: np.ndarray,
-         n_starts: int, spatial_prior: float, share) -> tuple[np.ndarray, dict]:
-    """The domain caller on ``x`` (canonical order): medoid start, then the Potts EM."""
+         n_starts: int, spatial_prior: float, share) -> tuple[np.ndarray, dict, np.ndarray]:
+    """The mixture on ``x`` (canonical order): medoid start, then the Potts EM; returns the
+    labels, what to record and the responsibilities."""
     gmm, agree = medoid_start(x, groups, k, model=model, n_starts=n_starts, seed=seed,
                               fit_spots=min(max_fit, 20_000))
     if len(x) > 20_000:  # the starts saw a sample: refit the chosen one on max_fit spots
@@ -168,7 +198,7 @@ def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int, groups: np.
     resp = gmm.predict_proba(x)
     if spatial_prior > 0:
         resp = potts_em(x, share, resp, spatial_prior)
-    return resp.argmax(axis=1), info
+    return resp.argmax(axis=1), info, resp
 
 
 def estimate_k(x: np.ndarray, k_range: tuple[int, int], model: str, seed: int,

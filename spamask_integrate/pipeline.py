@@ -38,6 +38,7 @@ def run(
     refine: bool = False,
     n_starts: int = N_STARTS,
     spatial_prior: float = SPATIAL_PRIOR,
+    n_components: int | None = None,
     context_weight: float = CONTEXT_WEIGHT,
     graph_method: str = "knn",
     k: int | None = None,
@@ -76,8 +77,10 @@ def run(
         Also write the self-contained ``report.html`` into ``out_dir``.
     harmony
         Harmony on the embedding; ``None`` = on when there are several slices.
-    n_starts, spatial_prior
-        The domain caller's GMM starts and Potts strength (see :func:`cluster`).
+    n_starts, spatial_prior, n_components
+        The domain caller's GMM starts, Potts strength and mixture components before they
+        are joined into K domains in the model input (``None``: K, no merge; see
+        :func:`cluster`).
     context_weight
         The caller clusters the embedding beside the spatial context of the model input,
         weighted so (see :func:`context_embedding`); 0 clusters the embedding alone.
@@ -145,7 +148,8 @@ def run(
                           seed=seed, step=step)
     with step("cluster"):
         cluster(adata, n_domains, cluster_method, use_rep=rep, batch_key=batch_key,
-                refine=refine, n_starts=n_starts, spatial_prior=spatial_prior, seed=seed)
+                refine=refine, n_starts=n_starts, spatial_prior=spatial_prior,
+                n_components=n_components, seed=seed)
     with step("evaluate"):
         keys = [Keys.PCA, Keys.EMB] + ([Keys.EMB_HARMONY] if use_harmony else [])
         metrics = evaluate(adata, label_key, batch_key, keys if scib else None, scib=scib,
@@ -155,7 +159,7 @@ def run(
               "slice_column": slice_column or "", "n_domains": n_domains or 0,
               "cluster_method": cluster_method, "harmony": use_harmony, "refine": refine,
               "n_starts": n_starts, "spatial_prior": spatial_prior,
-              "context_weight": context_weight,
+              "n_components": n_components or 0, "context_weight": context_weight,
               "graph_method": graph_method, "k": k or 0, "radius": radius or 0,
               "platform": platform or "", "preprocess": preprocess_kwargs or {},
               "train": config.to_dict(), "scib": scib, "scib_max_spots": scib_max_spots}

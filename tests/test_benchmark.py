@@ -91,6 +91,34 @@ def test_variant_overrides_merge_over_the_plan_settings(tmp_path):
     assert pre == {"n_top_genes": None, "n_comps": 20, "min_cells": 5}
 
 
+def test_variant_sets_the_callers_components_for_every_method(tiny_slices, tmp_path,
+                                                              monkeypatch):
+    import importlib
+
+    module = importlib.import_module("spamask_integrate.cluster")
+    real, seen = module.cluster, []
+
+    def spy(adata, *args, **kwargs):
+        seen.append(kwargs.get("n_components"))
+        return real(adata, *args, **kwargs)
+
+    monkeypatch.setattr(module, "cluster", spy)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    paths = write_h5ad_slices(tiny_slices, folder)
+    plan = _plan(tmp_path, paths, """
+  methods: [pca, smoothed_pca]
+  harmony: [false]
+  seeds: [0]
+  variants:
+    default: {}
+    merged_from_8: {n_components: 8}
+""")
+    results = run_plan(plan, tmp_path / "out", progress=False)
+    assert (results["status"] == "ok").all(), results[results.status != "ok"].error.tolist()
+    assert sorted(seen, key=str) == [8, 8, None, None]
+
+
 def test_results_from_before_variants_are_read_as_default(tmp_path):
     from spamask_integrate.benchmark import _read_results
 

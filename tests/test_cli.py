@@ -35,12 +35,14 @@ def test_run_then_evaluate_reproduces(slice_files, tmp_path):
     out = tmp_path / "out"
     res = _run(["-q", "run", *map(str, paths), "-o", str(out), "--label-key", "ground_truth",
                 "--n-domains", "4", "--k", "6", "--config", str(config), "--seed", "5",
-                "--context-weight", "0.25"])
+                "--context-weight", "0.25", "--n-components", "6"])
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == OUTPUTS
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["status"] == "ok" and run_json["params"]["train"]["seed"] == 5
     assert run_json["params"]["context_weight"] == 0.25
+    assert run_json["params"]["n_components"] == 6  # 6 components joined into 4 domains
+    assert pd.read_csv(out / "domains.csv")["domain"].nunique() == 4
     assert {"read", "train", "cluster", "evaluate", "total"} <= set(run_json["seconds"])
     assert "ARI" in res.output
     res2 = _run(["-q", "evaluate", str(out / "integrated.h5ad"), "--label-key", "ground_truth",

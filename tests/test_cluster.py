@@ -1,4 +1,6 @@
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
@@ -59,6 +61,66 @@ def noisy_layers():
     a.obsm["X_emb"] = (centres[truth] + rng.normal(0, 1.3, (a.n_obs, 8))).astype(np.float32)
     si.build_graph(a, k=6)
     return a, truth
+
+
+@pytest.fixture
+def smooth_layers():
+    """Two slices of four layers, two thick and two thin, whose embedding is mostly a smooth
+    gradient of depth with a small step at each boundary (a spatially smoothed embedding),
+    while the input (``X_pca``) has each layer's own expression."""
+    rng = np.random.default_rng(0)
+    xs, ys = np.meshgrid(np.arange(30), np.arange(30))
+    xy = np.tile(np.c_[xs.ravel(), ys.ravel()].astype(float), (2, 1))
+    depth = xy[:, 1] / 29
+    truth = np.searchsorted([0.4, 0.5, 0.9], depth, side="right")
+    a = ad.AnnData(np.zeros((len(xy), 1), np.float32))
+    a.obs_names = [f"spot{i}" for i in range(len(xy))]
+    a.obs["slice"] = pd.Categorical(np.repeat(["slice0", "slice1"], 900))
+    a.obsm["spatial"] = xy
+    a.obsm["X_pca"] = (rng.normal(0, 1, (4, 10))[truth]
+                       + rng.normal(0, 0.7, (len(xy), 10))).astype(np.float32)
+    step = 0.2 * rng.normal(0, 1, (4, 3))[truth]
+    a.obsm["X_emb"] = (np.c_[6 * depth, step]
+                       + rng.normal(0, 0.3, (len(xy), 4))).astype(np.float32)
+    si.build_graph(a, k=6)
+    return a, truth
+
+
+def test_merge_recovers_thin_layers_a_smooth_embedding_runs_together(smooth_layers):
+    a, truth = smooth_layers
+    unmerged = []
+    for seed in (0, 1):
+        si.cluster(a, 4, use_rep="X_emb", seed=seed)  # the default: K components
+        unmerged.append(adjusted_rand_score(truth, a.obs["domain"]))
+        assert a.uns["spamask"]["cluster"]["n_components"] == 4
+    # K components tile the gradient in even slabs: a thick layer is cut, thin ones join
+    assert max(unmerged) < 0.6
+    for seed in (0, 1):
+        si.cluster(a, 4, use_rep="X_emb", n_components=8, seed=seed)
+        assert adjusted_rand_score(truth, a.obs["domain"]) > 0.9
+        info = a.uns["spamask"]["cluster"]
+        assert info["n_components"] == 8 and info["merge_rep"] == "X_pca"
+        assert a.obs["domain"].nunique() == 4
+    si.cluster(a, 4, use_rep="X_emb", n_components=12, n_starts=20, seed=0)
+    assert a.uns["spamask"]["cluster"]["n_components"] == 12
+    assert a.obs["domain"].nunique() == 4
+
+
+def test_merge_components_joins_what_the_reference_does_not_tell_apart():
+    from spamask_integrate.mixture import merge_components
+
+    rng = np.random.default_rng(0)
+    comp = np.repeat(np.arange(6), 100)
+    resp = np.eye(6)[comp]
+    # components 0-1-2, 3-4 and 5 share their mean in the reference
+    centre = np.array([0, 0, 0, 1, 1, 2])[comp]
+    ref = rng.normal(0, 0.1, (600, 3)) + np.eye(3)[centre] * 3
+    mapping = merge_components(resp, ref, 3)
+    groups = {tuple(np.flatnonzero(mapping == g)) for g in range(3)}
+    assert groups == {(0, 1, 2), (3, 4), (5,)}
+    np.testing.assert_array_equal(merge_components(resp, ref, 6), np.arange(6))
+    # chunked sums give the same answer
+    np.testing.assert_array_equal(merge_components(resp, ref, 3, chunk=7), mapping)
 
 
 def test_caller_recovers_planted_domains_where_plain_gmm_fails(noisy_layers):
@@ -123,16 +185,19 @@ def test_pairwise_ari_matches_sklearn():
     assert got[0, 1] == pytest.approx(1.0) and got[2, 3] == 1.0
 
 
-def test_caller_does_not_depend_on_the_order_of_slices(noisy_layers):
-    a, _ = noisy_layers
-    si.cluster(a, 4, use_rep="X_emb", seed=0)
+@pytest.mark.parametrize("fixture", ["noisy_layers", "smooth_layers"])
+def test_caller_does_not_depend_on_the_order_of_slices(fixture, request):
+    a, _ = request.getfixturevalue(fixture)
+    merge = {"n_components": 8} if fixture == "smooth_layers" else {}
+    si.cluster(a, 4, use_rep="X_emb", seed=0, **merge)
     first = a.obs["domain"].copy()
     # slices listed the other way round, spots shuffled within them
     rng = np.random.default_rng(1)
-    order = np.concatenate([rng.permutation(np.arange(900, 1800)), rng.permutation(900)])
+    half = a.n_obs // 2
+    order = np.concatenate([rng.permutation(np.arange(half, a.n_obs)), rng.permutation(half)])
     b = a[order].copy()
     b.obs["slice"] = b.obs["slice"].cat.reorder_categories(["slice1", "slice0"])
-    si.cluster(b, 4, use_rep="X_emb", seed=0)
+    si.cluster(b, 4, use_rep="X_emb", seed=0, **merge)
     assert (b.obs["domain"] == first.loc[b.obs_names]).all()
 
 
@@ -170,3 +235,9 @@ def test_errors(blobs):
         si.cluster(a, 4, use_rep="X_spamask", n_starts=0)
     with pytest.raises(si.ConfigError, match="gmm_model='EEE'"):
         si.cluster(a, 4, use_rep="X_spamask", gmm_model="VVV")
+    with pytest.raises(si.ConfigError, match="n_components=3"):
+        si.cluster(a, 4, use_rep="X_spamask", n_components=3)
+    with pytest.raises(si.ConfigError, match="needs method='gmm'"):
+        si.cluster(a, 4, "kmeans", use_rep="X_spamask", n_components=8)
+    with pytest.raises(si.InputError, match="X_nopca"):
+        si.cluster(a, 4, use_rep="X_spamask", n_components=8, merge_rep="X_nopca")
