@@ -180,7 +180,7 @@ def merge_components(resp: np.ndarray, ref, k: int, *, rows: np.ndarray | None =
 
     Why: the embedding is smoothed over space, so a thick layer becomes a long, even stretch
     of it, and a mixture tiles that stretch with components of one width. Fitted with more
-    components than domains, the mixture cuts the stretch finer; the slices of one layer
+    components than domains, the mixture cuts the stretch finer; the pieces of one layer
     have nearly the same expression, two layers do not, and that is what the merge reads.
 
     ``rows``: row ``i`` of ``resp`` is row ``rows[i]`` of ``ref`` (read a chunk at a time,
