@@ -196,8 +196,15 @@ def _options(plan: dict, ds: dict, variant: str) -> tuple[dict, dict, int | None
     pre = {**s.get("preprocess", {}), **(over.get("preprocess") or {})}
     train = {**s.get("train", {}), **(over.get("train") or {})}
     k = over.get("k", ds.get("k", s.get("k")))
-    refine = bool(over.get("refine", s.get("refine", False)))
+    refine = bool(_setting(plan, variant, "refine", False))
     return pre, train, k, refine
+
+
+def _setting(plan: dict, variant: str, key: str, default=None):
+    """A setting as the variant overrides it: the variant's value, else the plan's, else
+    ``default``."""
+    s = plan["settings"]
+    return s["variants"][variant].get(key, s.get(key, default))
 
 
 def _context_weight(plan: dict, variant: str) -> float:
@@ -205,15 +212,13 @@ def _context_weight(plan: dict, variant: str) -> float:
     in the settings or a variant; run()'s default otherwise)."""
     from .context import CONTEXT_WEIGHT
 
-    s, over = plan["settings"], plan["settings"]["variants"][variant]
-    return float(over.get("context_weight", s.get("context_weight", CONTEXT_WEIGHT)))
+    return float(_setting(plan, variant, "context_weight", CONTEXT_WEIGHT))
 
 
 def _n_components(plan: dict, variant: str) -> int | None:
     """Mixture components of the domain caller before they are joined into K domains, for
     every method (``n_components`` in the settings or a variant; ``None``: K, no merge)."""
-    s, over = plan["settings"], plan["settings"]["variants"][variant]
-    value = over.get("n_components", s.get("n_components"))
+    value = _setting(plan, variant, "n_components")
     return None if value is None else int(value)
 
 

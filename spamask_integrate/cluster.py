@@ -94,16 +94,12 @@ def cluster(
                           "n_starts >= 1 and spatial_prior >= 0")
     if n_components is not None and method != "gmm":
         raise ConfigError(f"n_components={n_components} needs method='gmm' (got {method!r})")
-    if n_components is not None and n_domains is not None and int(n_components) < int(n_domains):
-        raise ConfigError(f"n_components={n_components}: need at least n_domains={n_domains}")
     if method == "gmm" and spatial_prior > 0 and gmm_model != "EEE":
         raise ConfigError(f"spatial_prior needs gmm_model='EEE' (got {gmm_model!r}); "
                           "or pass spatial_prior=0")
     if use_rep is None:
         use_rep = Keys.EMB_HARMONY if Keys.EMB_HARMONY in adata.obsm else Keys.EMB
     require_obsm(adata, use_rep, "train a model (and integrate) first")
-    if n_components is not None:
-        require_obsm(adata, merge_rep, "the components are joined into domains there")
     if n_domains is not None and n_domains > adata.n_obs:
         raise ConfigError(f"n_domains={n_domains}: more than the {adata.n_obs} spots")
     adata = adata.copy() if copy else adata
@@ -117,16 +113,17 @@ def cluster(
                       bic=np.asarray(bic))
         logger.info("cluster: K=%d estimated by BIC over %s", n_domains, k_range)
     n_domains = int(n_domains)
+    if n_components is not None and int(n_components) < n_domains:  # K given or estimated
+        raise ConfigError(f"n_components={n_components}: need at least the {n_domains} domains")
+    if n_components is not None:
+        require_obsm(adata, merge_rep, "the components are joined into domains there")
     if method == "gmm":
         names = adata.obs[batch_key].astype(str).to_numpy()[order] if batch_key in adata.obs \
             else np.zeros(len(order), dtype=str)
         share = None
         if spatial_prior > 0:
             share = neighbour_share(same_slice_neighbours(adata, batch_key)[order][:, order])
-        n_fit = n_domains if n_components is None else int(n_components)
-        if n_fit < n_domains:  # K was estimated above
-            raise ConfigError(f"n_components={n_fit}: need at least the {n_domains} domains")
-        n_fit = min(n_fit, adata.n_obs)
+        n_fit = min(n_domains if n_components is None else int(n_components), adata.n_obs)
         labels, info, resp = _gmm(x, n_fit, gmm_model, seed, max_fit, names, int(n_starts),
                                   float(spatial_prior), share)
         params.update(gmm_model=gmm_model, **info)

@@ -139,6 +139,17 @@ def neighbour_share(adj: sp.spmatrix, dtype=np.float64) -> sp.csr_matrix:
     return sp.diags(np.divide(1.0, degree, out=np.zeros_like(degree), where=degree > 0)) @ adj
 
 
+def pooled_moments(sums: np.ndarray, gram: np.ndarray, nk: np.ndarray, n: int,
+                   reg: float) -> tuple[np.ndarray, np.ndarray]:
+    """Component means and the pooled within-component covariance of a soft partition, from
+    ``sums`` (components x features, responsibility-weighted row sums), ``gram`` (X'X),
+    ``nk`` (component weights) and ``n`` rows; a ridge of ``reg`` times the mean variance."""
+    means = sums / nk[:, None]
+    cov = (gram - (means.T * nk) @ means) / n
+    cov += reg * np.trace(cov) / len(cov) * np.eye(len(cov))
+    return means, cov
+
+
 def potts_em(x: np.ndarray, share: sp.csr_matrix, resp: np.ndarray, beta: float, *,
              max_iter: int = 100, tol: float = 1e-4, reg: float = 1e-6) -> np.ndarray:
     """Mean-field EM of an EEE Gaussian mixture under a Potts prior; returns responsibilities.
@@ -153,9 +164,7 @@ def potts_em(x: np.ndarray, share: sp.csr_matrix, resp: np.ndarray, beta: float,
     q = resp
     for _ in range(max_iter):
         nk = q.sum(axis=0) + 1e-12
-        means = (q.T @ x) / nk[:, None]
-        cov = (gram - (means.T * nk) @ means) / n
-        cov += reg * np.trace(cov) / d * np.eye(d)
+        means, cov = pooled_moments(q.T @ x, gram, nk, n, reg)
         prec_means = np.linalg.solve(cov, means.T)  # (d, k)
         loglik = x @ prec_means - 0.5 * np.sum(means.T * prec_means, axis=0) + np.log(nk / n)
         logits = loglik + beta * (share @ q)
@@ -200,9 +209,7 @@ def merge_components(resp: np.ndarray, ref, k: int, *, rows: np.ndarray | None =
         block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
         sums += resp[lo:lo + chunk].T @ block
         gram += block.T @ block
-    means = sums / nk[:, None]
-    cov = (gram - (means.T * nk) @ means) / n
-    cov += reg * np.trace(cov) / d * np.eye(d)
+    means, cov = pooled_moments(sums, gram, nk, n, reg)
     prec = np.linalg.inv(cov)
     groups = [[c] for c in range(m)]
     weights = list(nk / n)
