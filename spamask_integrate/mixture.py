@@ -26,7 +26,8 @@ Why each piece (measured on the four DLPFC slices, benchmarks/README.md):
 
 Cost is linear in spots: the starts are fitted on a seeded sample of at most ``fit_spots``,
 the medoid is chosen on at most ``consensus_spots``, and the spatial EM is sparse (one pass
-over the graph's edges per iteration).
+over the graph's edges per iteration). The starts dominate; their tied log-densities take one
+product with the precision factor per EM step (:class:`TiedGaussianMixture`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import logging
 import numpy as np
 import scipy.sparse as sp
 from scipy.special import logsumexp
+from sklearn.mixture import GaussianMixture
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +64,45 @@ def stratified_sample(groups: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picks))
 
 
-def fit_gmm(x: np.ndarray, k: int, model: str, seed: int, **init):
-    """One sklearn ``GaussianMixture`` fit (mclust-like settings)."""
-    from sklearn.mixture import GaussianMixture
+def tied_log_density(x: np.ndarray, means: np.ndarray, prec_chol: np.ndarray) -> np.ndarray:
+    """``log N(x_i | mu_k, S)`` (spots x components) for one shared covariance
+    ``S = (L L')^-1``, ``L = prec_chol``.
 
-    return GaussianMixture(k, covariance_type=MCLUST_MODELS[model], random_state=seed,
-                           reg_covar=1e-5, max_iter=300, **init).fit(x)
+    With ``y = x L`` and ``m_k = mu_k L`` the squared Mahalanobis distance is
+    ``|y - m_k|^2 = |y|^2 - 2 y.m_k + |m_k|^2``: one product with ``L`` and one with the
+    means, where sklearn's tied model forms ``x L`` again for every component (that was
+    70% of a start's time; benchmarks/README.md, "The starts' log-densities"). ``y`` and
+    ``m`` are shifted by the means' centre first, so the expansion does not lose digits to a
+    large common offset.
+    """
+    y = x @ prec_chol
+    m = means @ prec_chol
+    centre = m.mean(axis=0)
+    y -= centre
+    m = m - centre
+    dist = np.einsum("ij,ij->i", y, y)[:, None] - 2.0 * (y @ m.T) + np.einsum("ij,ij->i", m, m)
+    log_det = np.log(np.diag(prec_chol)).sum()
+    return -0.5 * (x.shape[1] * np.log(2.0 * np.pi) + dist) + log_det
+
+
+class TiedGaussianMixture(GaussianMixture):
+    """sklearn's ``GaussianMixture`` (its EM, k-means start and convergence test)
+    with the tied (EEE) log-densities of :func:`tied_log_density`; other covariance types are
+    sklearn's own. It differs from sklearn's fit by rounding only: on the stored DLPFC and
+    osmFISH embeddings the caller gave the same domains with either, 2-3x faster with this
+    one (benchmarks/README.md, "The starts' log-densities")."""
+
+    def _estimate_log_prob(self, X, xp=None):  # noqa: N803 (sklearn's name)
+        if self.covariance_type != "tied":
+            return super()._estimate_log_prob(X) if xp is None \
+                else super()._estimate_log_prob(X, xp=xp)
+        return tied_log_density(np.asarray(X), self.means_, self.precisions_cholesky_)
+
+
+def fit_gmm(x: np.ndarray, k: int, model: str, seed: int, **init):
+    """One Gaussian mixture fit (mclust-like settings; :class:`TiedGaussianMixture`)."""
+    return TiedGaussianMixture(k, covariance_type=MCLUST_MODELS[model], random_state=seed,
+                               reg_covar=1e-5, max_iter=300, **init).fit(x)
 
 
 def fit_starts(x: np.ndarray, k: int, model: str, seeds: list[int]) -> list:

@@ -171,6 +171,29 @@ def test_starts_side_by_side_equal_one_after_another(noisy_layers):
             assert one.n_iter_ == other.n_iter_
 
 
+def test_tied_mixture_is_sklearns_fit():
+    """The caller's tied GMM computes its log-densities its own way (one product with the
+    precision factor): it must give sklearn's densities, and sklearn's fit, also for data
+    far from the origin, and leave the other covariance types to sklearn."""
+    from sklearn.mixture import GaussianMixture
+
+    from spamask_integrate.mixture import TiedGaussianMixture
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 4, (5, 12))
+    truth = rng.integers(0, 5, 1500)
+    x = 1e3 + centres[truth] + rng.normal(0, 1, (1500, 12)) * rng.uniform(0.5, 2, 12)
+    for kind in ("tied", "full", "diag"):
+        ours = TiedGaussianMixture(5, covariance_type=kind, random_state=0).fit(x)
+        theirs = GaussianMixture(5, covariance_type=kind, random_state=0).fit(x)
+        np.testing.assert_allclose(ours._estimate_log_prob(x), theirs._estimate_log_prob(x),
+                                   rtol=1e-9, atol=1e-7)
+        assert ours.n_iter_ == theirs.n_iter_
+        np.testing.assert_allclose(ours.means_, theirs.means_, rtol=1e-9)
+        assert np.array_equal(ours.predict(x), theirs.predict(x))
+        assert adjusted_rand_score(truth, ours.predict(x)) > 0.95
+
+
 def test_pairwise_ari_matches_sklearn():
     from spamask_integrate.mixture import pairwise_ari
 

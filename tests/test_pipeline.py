@@ -76,9 +76,9 @@ while True:
 
 
 def test_same_seed_same_domains_while_the_cpu_is_busy():
-    """Two runs with one seed agree bit for bit (embedding) and spot for spot (domains) with
-    2 threads while another process keeps a core busy: no kernel may sum in an order that
-    depends on thread timing."""
+    """Two runs with one seed agree bit for bit (embedding) and spot for spot (domains, also
+    with the opt-in merge) with 2 threads while another process keeps a core busy: no kernel
+    may sum in an order that depends on thread timing."""
     import os
     import subprocess
     import sys
@@ -93,6 +93,8 @@ def test_same_seed_same_domains_while_the_cpu_is_busy():
         runs = [si.run(data.copy(), None, label_key="ground_truth", n_domains=5, k=6,
                        preprocess_kwargs=PREP, scib=False, seed=11, **{**FAST, "epochs": 30})
                 for _ in range(2)]
+        for out in runs:  # and the opt-in merge of more components, also under load
+            si.cluster(out, 5, n_components=10, key_added="merged", seed=11)
         assert busy.poll() is None  # the CPU stayed busy throughout
     finally:
         busy.kill()
@@ -101,6 +103,10 @@ def test_same_seed_same_domains_while_the_cpu_is_busy():
     assert np.array_equal(first.obsm["X_spamask"], second.obsm["X_spamask"])
     assert np.array_equal(first.obsm["X_spamask_harmony"], second.obsm["X_spamask_harmony"])
     assert (first.obs["domain"] == second.obs["domain"]).all()
+    assert (first.obs["merged"] == second.obs["merged"]).all()
+    joined = [out.uns["spamask"]["cluster"]["merged"] for out in runs]  # domain: components
+    assert joined[0].keys() == joined[1].keys() and len(joined[0]) == 5
+    assert all(np.array_equal(joined[0][g], joined[1][g]) for g in joined[0])
 
 
 def test_several_models_train_in_one_process_only(tmp_path):
