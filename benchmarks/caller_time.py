@@ -3,9 +3,12 @@ at growing spot counts, on synthetic embeddings (30 dims, 7 layered domains, 12 
 
 The caller fits its starts (the default number, or ``--n-starts``) on a sample of at most
 20,000 spots and runs the Potts EM over the sparse graph, so its cost should grow linearly
-in spots.
+in spots. ``--n-components M`` also times the opt-in merge (M components joined into the 7
+domains in ``obsm["X_pca"]``, here a synthetic 50-dimensional expression view of the same
+domains).
 
-Usage: python benchmarks/caller_time.py --spots 11380 100000 1000000 [--n-starts N] [--tag T]
+Usage: python benchmarks/caller_time.py --spots 11380 100000 1000000 [--n-starts N]
+       [--n-components M] [--tag T]
 Result: benchmarks/results/caller_time_<spots>[_<T>].json
 """
 
@@ -39,6 +42,9 @@ def synthetic_embedding(n_spots: int, n_slices: int = 12, dims: int = 30, noise:
     adata.obsm["spatial"] = np.concatenate(xy)
     adata.obsm["X_emb"] = (centres[truth] + rng.normal(0, noise, (len(truth), dims))
                            ).astype(np.float32)
+    genes = rng.normal(0, 1, (7, 50))  # the merge's reference: an expression view
+    adata.obsm["X_pca"] = (genes[truth] + rng.normal(0, 2.0, (len(truth), 50))
+                           ).astype(np.float32)
     si.build_graph(adata, k=12)
     return adata
 
@@ -48,6 +54,8 @@ def main() -> None:
     parser.add_argument("--spots", type=int, nargs="+", default=[11_380, 100_000, 1_000_000])
     parser.add_argument("--n-starts", type=int, default=None,
                         help="the caller's GMM starts (default: the library's default)")
+    parser.add_argument("--n-components", type=int, default=None,
+                        help="also time the caller with this many components, merged to 7")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     import spamask_integrate as si
@@ -57,8 +65,12 @@ def main() -> None:
         adata = synthetic_embedding(n)
         starts = args.n_starts or si.mixture.N_STARTS
         row = {"n_spots": adata.n_obs, "n_starts": starts}
-        for name, opts in (("plain_gmm", {"n_starts": 1, "spatial_prior": 0.0}),
-                           ("caller", {"n_starts": starts})):
+        runs = [("plain_gmm", {"n_starts": 1, "spatial_prior": 0.0}),
+                ("caller", {"n_starts": starts})]
+        if args.n_components:
+            row["n_components"] = args.n_components
+            runs.append(("merge", {"n_starts": starts, "n_components": args.n_components}))
+        for name, opts in runs:
             tic = time.perf_counter()
             si.cluster(adata, 7, use_rep="X_emb", seed=0, **opts)
             row[f"{name}_seconds"] = time.perf_counter() - tic
@@ -67,7 +79,9 @@ def main() -> None:
         row["peak_rss_gb"] = peak_rss_gb()
         print(f"{n:,} spots: plain GMM {row['plain_gmm_seconds']:.1f} s (ARI "
               f"{row['plain_gmm_ari']:.3f}), caller {row['caller_seconds']:.1f} s (ARI "
-              f"{row['caller_ari']:.3f}), adds {row['added_seconds']:.1f} s")
+              f"{row['caller_ari']:.3f}), adds {row['added_seconds']:.1f} s" +
+              (f"; with {args.n_components} components merged {row['merge_seconds']:.1f} s "
+               f"(ARI {row['merge_ari']:.3f})" if args.n_components else ""))
         write_result(f"caller_time_{adata.n_obs}" + (f"_{args.tag}" if args.tag else ""), row)
 
 

@@ -1,0 +1,108 @@
+"""The caller with sklearn's ``GaussianMixture`` (before 2026-12-06) and with its own
+``TiedGaussianMixture`` (one product with the precision factor for all components): the same
+domains, and how much faster, on the stored embeddings of today's defaults.
+
+Prepares a plan's first dataset as the harness does, loads each seed's embedding stored by
+``model_ensembles.py train``, runs the caller's input as ``run`` does (the context block at
+weight 0.5, Harmony when the plan has it, PCA-30), then the caller (120 starts, Potts EM) with
+each mixture class, with K components and with 2 K components joined into K in ``X_pca``
+(the opt-in merge). Records per seed whether the two give the same domains spot for spot and
+the same agreement among the starts, and the seconds per call, one call after the other.
+
+Usage: python benchmarks/tied_density.py benchmarks/plans/dlpfc_default.yaml --tag dlpfc
+           --seeds 0-9 --store /tmp/cstore
+Result: benchmarks/results/tied_density_<tag>.json (or --name)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import seed_list, write_result
+
+
+def main() -> None:
+    import spamask_integrate as si
+    from sklearn.mixture import GaussianMixture
+    from spamask_integrate import benchmark as B
+    from spamask_integrate import mixture as M
+
+    C = importlib.import_module("spamask_integrate.cluster")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("plan")
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--seeds", default="0-9")
+    ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args()
+    plan = B.load_plan(args.plan)
+    ds, adata = B._prepared(plan, plan["datasets"][0]["name"], "default", {})
+    batch_key = ds.get("batch_key", "slice")
+    k = int(ds.get("n_domains", 7))
+    harmony = bool(plan["settings"].get("harmony", [True])[0]) \
+        and adata.obs[batch_key].nunique() > 1
+    order = np.argsort(adata.obs_names.to_numpy(dtype=str), kind="stable")  # as cluster()
+    share = M.neighbour_share(C.same_slice_neighbours(adata, batch_key)[order][:, order])
+    names = adata.obs[batch_key].astype(str).to_numpy()[order]
+    ours = M.fit_gmm
+
+    def sklearns(x, n, model, seed, **init):  # fit_gmm as it was before
+        return GaussianMixture(n, covariance_type=M.MCLUST_MODELS[model], random_state=seed,
+                               reg_covar=1e-5, max_iter=300, **init).fit(x)
+
+    rows: dict = {}
+    try:
+        for seed in seed_list(args.seeds):
+            adata.obsm["X_spamask"] = np.load(args.store / f"{args.tag}_{seed}.npz")["emb"]
+            si.context_embedding(adata, batch_key, weight=0.5, seed=seed)
+            rep = "X_spamask_context"
+            if harmony:
+                si.integrate(adata, batch_key, use_rep=rep, key_added=f"{rep}_harmony",
+                             seed=seed)
+                rep = f"{rep}_harmony"
+            x = C.reduce(adata.obsm[rep][order], 30, seed)
+            row = {}
+            for n in (k, 2 * k):
+                calls = {}
+                for which, fit in (("sklearn", sklearns), ("ours", ours)):
+                    M.fit_gmm = fit  # medoid_start's fits go through the module's name
+                    tic = time.perf_counter()
+                    labels, info, resp = C._gmm(x, n, "EEE", seed, 200_000, names,
+                                                M.N_STARTS, C.SPATIAL_PRIOR, share)
+                    if n > k:
+                        labels = M.merge_components(resp, adata.obsm["X_pca"], k,
+                                                    rows=order)[labels]
+                    calls[which] = (time.perf_counter() - tic, labels, info["start_agreement"])
+                M.fit_gmm = ours
+                row[str(n)] = {
+                    "same_domains": bool(np.array_equal(calls["sklearn"][1], calls["ours"][1])),
+                    "same_start_agreement": calls["sklearn"][2] == calls["ours"][2],
+                    "sklearn_seconds": calls["sklearn"][0], "ours_seconds": calls["ours"][0]}
+            rows[str(seed)] = row
+            print(seed, {n: (r["same_domains"], round(r["sklearn_seconds"], 1),
+                             round(r["ours_seconds"], 1)) for n, r in row.items()}, flush=True)
+    finally:
+        M.fit_gmm = ours
+    summary = {}
+    for n in (str(k), str(2 * k)):
+        got = [r[n] for r in rows.values()]
+        summary[n] = {"same_domains": sum(r["same_domains"] for r in got),
+                      "same_start_agreement": sum(r["same_start_agreement"] for r in got),
+                      "of": len(got),
+                      "sklearn_seconds_median": float(np.median([r["sklearn_seconds"] for r in got])),
+                      "ours_seconds_median": float(np.median([r["ours_seconds"] for r in got]))}
+        print(f"{n} components: the same domains on {summary[n]['same_domains']} of {len(got)}, "
+              f"sklearn {summary[n]['sklearn_seconds_median']:.1f} s, ours "
+              f"{summary[n]['ours_seconds_median']:.1f} s a call (medians)")
+    write_result(args.name or f"tied_density_{args.tag}",
+                 {"plan": args.plan, "seeds": args.seeds, "n_domains": k,
+                  "n_starts": M.N_STARTS, "summary": summary, "seeds_rows": rows})
+
+
+if __name__ == "__main__":
+    main()
