@@ -93,9 +93,10 @@ def main() -> None:
         got = [r[n] for r in rows.values()]
         summary[n] = {"same_domains": sum(r["same_domains"] for r in got),
                       "same_start_agreement": sum(r["same_start_agreement"] for r in got),
-                      "of": len(got),
-                      "sklearn_seconds_median": float(np.median([r["sklearn_seconds"] for r in got])),
-                      "ours_seconds_median": float(np.median([r["ours_seconds"] for r in got]))}
+                      "of": len(got)}
+        for which in ("sklearn", "ours"):
+            summary[n][f"{which}_seconds_median"] = float(
+                np.median([r[f"{which}_seconds"] for r in got]))
         print(f"{n} components: the same domains on {summary[n]['same_domains']} of {len(got)}, "
               f"sklearn {summary[n]['sklearn_seconds_median']:.1f} s, ours "
               f"{summary[n]['ours_seconds_median']:.1f} s a call (medians)")
