@@ -3,9 +3,9 @@
 domains, and how much faster, on the stored embeddings of today's defaults.
 
 Prepares a plan's first dataset as the harness does, loads each seed's embedding stored by
-``model_ensembles.py train``, runs the caller's input as ``run`` does (the context block at
-weight 0.5, Harmony when the plan has it, PCA-30), then the caller (120 starts, Potts EM) with
-each mixture class, with K components and with 2 K components joined into K in ``X_pca``
+``model_ensembles.py train``, builds the caller's input as ``run`` does (``caller_input``: the
+context block, Harmony when the plan has it; then PCA-30), then runs the caller (120 starts,
+Potts EM) with each mixture class, with K components and with 2 K components joined into K in ``X_pca``
 (the opt-in merge). Records per seed whether the two give the same domains spot for spot and
 the same agreement among the starts, and the seconds per call, one call after the other.
 
@@ -49,28 +49,18 @@ def main() -> None:
     order = np.argsort(adata.obs_names.to_numpy(dtype=str), kind="stable")  # as cluster()
     share = M.neighbour_share(C.same_slice_neighbours(adata, batch_key)[order][:, order])
     names = adata.obs[batch_key].astype(str).to_numpy()[order]
-    ours = M.fit_gmm
-
-    def sklearns(x, n, model, seed, **init):  # fit_gmm as it was before
-        return GaussianMixture(n, covariance_type=M.MCLUST_MODELS[model], random_state=seed,
-                               reg_covar=1e-5, max_iter=300, **init).fit(x)
-
+    ours = M.TiedGaussianMixture  # fit_gmm builds this class; sklearn's is the fit of before
     rows: dict = {}
     try:
         for seed in seed_list(args.seeds):
             adata.obsm["X_spamask"] = np.load(args.store / f"{args.tag}_{seed}.npz")["emb"]
-            si.context_embedding(adata, batch_key, weight=0.5, seed=seed)
-            rep = "X_spamask_context"
-            if harmony:
-                si.integrate(adata, batch_key, use_rep=rep, key_added=f"{rep}_harmony",
-                             seed=seed)
-                rep = f"{rep}_harmony"
+            _, rep = si.caller_input(adata, batch_key, harmony=harmony, seed=seed)
             x = C.reduce(adata.obsm[rep][order], 30, seed)
             row = {}
             for n in (k, 2 * k):
                 calls = {}
-                for which, fit in (("sklearn", sklearns), ("ours", ours)):
-                    M.fit_gmm = fit  # medoid_start's fits go through the module's name
+                for which, mixture in (("sklearn", GaussianMixture), ("ours", ours)):
+                    M.TiedGaussianMixture = mixture
                     tic = time.perf_counter()
                     labels, info, resp = C._gmm(x, n, "EEE", seed, 200_000, names,
                                                 M.N_STARTS, C.SPATIAL_PRIOR, share)
@@ -78,7 +68,7 @@ def main() -> None:
                         labels = M.merge_components(resp, adata.obsm["X_pca"], k,
                                                     rows=order)[labels]
                     calls[which] = (time.perf_counter() - tic, labels, info["start_agreement"])
-                M.fit_gmm = ours
+                M.TiedGaussianMixture = ours
                 row[str(n)] = {
                     "same_domains": bool(np.array_equal(calls["sklearn"][1], calls["ours"][1])),
                     "same_start_agreement": calls["sklearn"][2] == calls["ours"][2],
@@ -87,7 +77,7 @@ def main() -> None:
             print(seed, {n: (r["same_domains"], round(r["sklearn_seconds"], 1),
                              round(r["ours_seconds"], 1)) for n, r in row.items()}, flush=True)
     finally:
-        M.fit_gmm = ours
+        M.TiedGaussianMixture = ours
     summary = {}
     for n in (str(k), str(2 * k)):
         got = [r[n] for r in rows.values()]
