@@ -194,7 +194,11 @@ def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int, groups: np.
                 "seeds or K to move them")
     resp = gmm.predict_proba(x)
     if spatial_prior > 0:
-        resp = potts_em(x, share, resp, spatial_prior)
+        resp, em = potts_em(x, share, resp, spatial_prior)
+        info.update(em)
+        logger.info("cluster: the spatial (Potts) EM %s after %d iterations; its last step "
+                    "changed the domain of %d spots", "converged" if em["potts_converged"]
+                    else "stopped at its limit", em["potts_iterations"], em["potts_switched"])
     return resp.argmax(axis=1), info, resp
 
 

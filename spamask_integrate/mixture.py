@@ -36,7 +36,6 @@ import logging
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import logsumexp
 from sklearn.mixture import GaussianMixture
 
 logger = logging.getLogger(__name__)
@@ -185,30 +184,56 @@ def pooled_moments(sums: np.ndarray, gram: np.ndarray, nk: np.ndarray, n: int,
     return means, cov
 
 
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Each row of ``logits`` turned into probabilities, in place (returns ``logits``).
+
+    The same as ``exp(logits - logsumexp(logits, axis=1))`` up to rounding (scipy's carries
+    about eps times the row maximum in the exponent; this one subtracts the maximum first), in
+    a third of the time: at 10^6 spots and 7 components scipy's ``logsumexp`` took 0.33 s of
+    the Potts EM's 0.75 s a step."""
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
 def potts_em(x: np.ndarray, share: sp.csr_matrix, resp: np.ndarray, beta: float, *,
-             max_iter: int = 100, tol: float = 1e-4, reg: float = 1e-6) -> np.ndarray:
-    """Mean-field EM of an EEE Gaussian mixture under a Potts prior; returns responsibilities.
+             max_iter: int = 100, tol: float = 1e-4, reg: float = 1e-6
+             ) -> tuple[np.ndarray, dict]:
+    """Mean-field EM of an EEE Gaussian mixture under a Potts prior.
 
     E-step: ``log q_ik = log pi_k + log N(x_i | mu_k, S) + beta * (share @ q)_ik + c_i``;
     M-step: weighted means, one pooled covariance, mixing weights. ``share`` is the
     row-normalised neighbour graph, so ``beta`` is the largest log-odds a neighbourhood can
-    add, whatever its size. Starts from ``resp`` (e.g. a fitted GMM's posteriors).
+    add, whatever its size. Starts from ``resp`` (e.g. a fitted GMM's posteriors) and stops
+    when no responsibility moves by more than ``tol`` in a step, or after ``max_iter`` steps.
+
+    Returns the responsibilities and ``{"potts_iterations": steps taken, "potts_converged":
+    whether the last step moved every responsibility by less than tol, "potts_change": the
+    largest move of the last step, "potts_switched": how many spots changed their most
+    likely component in the last step}``.
     """
     n, d = x.shape
     gram = x.T @ x
     q = resp
-    for _ in range(max_iter):
+    change, steps, switched = np.inf, 0, 0
+    for steps in range(1, max_iter + 1):
         nk = q.sum(axis=0) + 1e-12
         means, cov = pooled_moments(q.T @ x, gram, nk, n, reg)
         prec_means = np.linalg.solve(cov, means.T)  # (d, k)
         loglik = x @ prec_means - 0.5 * np.sum(means.T * prec_means, axis=0) + np.log(nk / n)
-        logits = loglik + beta * (share @ q)
-        new = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+        logits = share @ q
+        logits *= beta
+        logits += loglik
+        new = softmax_rows(logits)
         change = float(np.abs(new - q).max())
+        if change < tol or steps == max_iter:
+            switched = int(np.count_nonzero(new.argmax(axis=1) != q.argmax(axis=1)))
         q = new
         if change < tol:
             break
-    return q
+    return q, {"potts_iterations": steps, "potts_converged": bool(change < tol),
+               "potts_change": change, "potts_switched": switched}
 
 
 def merge_components(resp: np.ndarray, ref, k: int, *, rows: np.ndarray | None = None,

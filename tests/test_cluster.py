@@ -141,6 +141,51 @@ def test_caller_recovers_planted_domains_where_plain_gmm_fails(noisy_layers):
     assert 0 < info["start_agreement"] <= 1
 
 
+def test_potts_em_reports_whether_it_converged(noisy_layers):
+    from spamask_integrate.cluster import SPATIAL_PRIOR, same_slice_neighbours
+    from spamask_integrate.mixture import fit_gmm, neighbour_share, potts_em
+
+    a, truth = noisy_layers
+    x = a.obsm["X_emb"].astype(np.float64)
+    share = neighbour_share(same_slice_neighbours(a, "slice"))
+    start = fit_gmm(x, 4, "EEE", 0).predict_proba(x)
+    q, info = potts_em(x, share, start, SPATIAL_PRIOR)
+    assert info["potts_converged"] and 1 < info["potts_iterations"] < 100
+    assert info["potts_change"] < 1e-4
+    assert adjusted_rand_score(truth, q.argmax(axis=1)) > 0.85
+    # cut short: the same steps, reported as not converged
+    q2, info2 = potts_em(x, share, start, SPATIAL_PRIOR, max_iter=2)
+    assert info2["potts_iterations"] == 2 and not info2["potts_converged"]
+    assert info2["potts_change"] > 1e-4 and info2["potts_switched"] > 0
+    assert info["potts_switched"] == 0  # converged: the last step moved no domain
+    # the short run is the full run's first two steps: going on from it ends where it ends
+    q3, info3 = potts_em(x, share, q2, SPATIAL_PRIOR)
+    np.testing.assert_array_equal(q3, q)
+    assert info3["potts_iterations"] == info["potts_iterations"] - 2
+    # the caller records it
+    si.cluster(a, 4, use_rep="X_emb", seed=0)
+    rec = a.uns["spamask"]["cluster"]
+    assert rec["potts_converged"] and 1 < rec["potts_iterations"] < 100
+    si.cluster(a, 4, use_rep="X_emb", spatial_prior=0, seed=0)
+    assert "potts_iterations" not in a.uns["spamask"]["cluster"]
+
+
+def test_softmax_rows_is_scipys_up_to_rounding():
+    from scipy.special import logsumexp
+
+    from spamask_integrate.mixture import softmax_rows
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 30, (500, 7)) + rng.normal(0, 1e4, (500, 1))  # far from 0
+    want = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+    got = softmax_rows(logits.copy())
+    # scipy subtracts log-sum-exp after adding the offset back: its own rounding is about
+    # eps times the offset (1e4 here) in the exponent
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-14)
+    np.testing.assert_array_equal(got.argmax(axis=1), want.argmax(axis=1))
+
+
 def test_caller_gives_one_answer_for_every_seed(noisy_layers):
     a, _ = noisy_layers
     answers = []
