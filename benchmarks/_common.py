@@ -66,6 +66,37 @@ class StoredRun:
                               for m in [(self.slices == s) & self.known]]))
 
 
+class PlanData:
+    """A plan's first dataset prepared as the benchmark harness prepares it (the same spot
+    names, so the caller's samples are the harness's), with what the scripts that re-run the
+    caller on stored embeddings need: the batch and label keys, K, whether the plan runs
+    Harmony, the caller's canonical spot order (the order of the spot names, as
+    ``cluster``) and each spot's slice in that order, and the harness's score."""
+
+    def __init__(self, plan_path: str, variant: str = "default"):
+        import numpy as np
+
+        from spamask_integrate import benchmark as B
+
+        plan = B.load_plan(plan_path)
+        self.ds, self.adata = B._prepared(plan, plan["datasets"][0]["name"], variant, {})
+        self.batch_key = self.ds.get("batch_key", "slice")
+        self.label_key = self.ds["label_key"]
+        self.k = int(self.ds.get("n_domains", 7))
+        self.harmony = bool(plan["settings"].get("harmony", [True])[0]) \
+            and self.adata.obs[self.batch_key].nunique() > 1
+        self.order = np.argsort(self.adata.obs_names.to_numpy(dtype=str), kind="stable")
+        self.names = self.adata.obs[self.batch_key].astype(str).to_numpy()[self.order]
+
+    def score(self, key: str = "domain") -> float:
+        """The harness's score of ``obs[key]``: the mean over slices of the per-slice ARI."""
+        import spamask_integrate as si
+
+        t = si.evaluate(self.adata, self.label_key, self.batch_key, domain_key=key, scib=False)
+        return float(t[(t["kind"] == "domain") & (t["metric"] == "ARI")
+                       & (t["scope"] != "all")]["value"].mean())
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     import torch

@@ -5,7 +5,7 @@ The caller fits its starts (the default number, or ``--n-starts``) on a sample o
 20,000 spots and runs the Potts EM over the sparse graph, so its cost should grow linearly
 in spots. ``--n-components M`` also times the opt-in merge (M components joined into the 7
 domains in ``obsm["X_pca"]``, here a synthetic 50-dimensional expression view of the same
-domains).
+domains). It also records the iterations of the caller's spatial (Potts) EM.
 
 Usage: python benchmarks/caller_time.py --spots 11380 100000 1000000 [--n-starts N]
        [--n-components M] [--tag T]
@@ -75,6 +75,10 @@ def main() -> None:
             si.cluster(adata, 7, use_rep="X_emb", seed=0, **opts)
             row[f"{name}_seconds"] = time.perf_counter() - tic
             row[f"{name}_ari"] = adjusted_rand_score(adata.obs["truth"], adata.obs["domain"])
+            record = adata.uns["spamask"]["cluster"]
+            if "potts_iterations" in record:  # the spatial EM: steps taken, and converged?
+                for key in ("potts_iterations", "potts_converged", "potts_switched"):
+                    row[f"{name}_{key}"] = record[key]
         row["added_seconds"] = row["caller_seconds"] - row["plain_gmm_seconds"]
         row["peak_rss_gb"] = peak_rss_gb()
         print(f"{n:,} spots: plain GMM {row['plain_gmm_seconds']:.1f} s (ARI "

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import seed_list, write_result
+from _common import PlanData, seed_list, write_result
 
 
 def main() -> None:
     import spamask_integrate as si
-    from spamask_integrate import benchmark as B
     from sklearn.metrics import adjusted_rand_score
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,16 +45,9 @@ def main() -> None:
     args = ap.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
     starts = {} if args.n_starts is None else {"n_starts": args.n_starts}
-    plan = B.load_plan(args.plan)
-    ds, adata = B._prepared(plan, plan["datasets"][0]["name"], "default", {})
-    batch_key = ds.get("batch_key", "slice")
-    harmony = bool(plan["settings"].get("harmony", [True])[0]) \
-        and adata.obs[batch_key].nunique() > 1
-
-    def score(key: str) -> float:  # the harness's score: mean over slices of the per-slice ARI
-        t = si.evaluate(adata, ds["label_key"], batch_key, domain_key=key, scib=False)
-        return float(t[(t["kind"] == "domain") & (t["metric"] == "ARI")
-                       & (t["scope"] != "all")]["value"].mean())
+    data = PlanData(args.plan)
+    ds, adata, batch_key, harmony = data.ds, data.adata, data.batch_key, data.harmony
+    score = data.score  # the harness's score: mean over slices of the per-slice ARI
 
     out: dict = {str(w): {} for w in weights}
     other: dict = {str(w): {} for w in weights}  # with the caller seed + offset

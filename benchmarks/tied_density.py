@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import seed_list, write_result
+from _common import PlanData, seed_list, write_result
 
 
 def main() -> None:
     import spamask_integrate as si
     from sklearn.mixture import GaussianMixture
-    from spamask_integrate import benchmark as B
     from spamask_integrate import mixture as M
 
     C = importlib.import_module("spamask_integrate.cluster")
@@ -40,15 +39,10 @@ def main() -> None:
     ap.add_argument("--store", type=Path, required=True)
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
-    plan = B.load_plan(args.plan)
-    ds, adata = B._prepared(plan, plan["datasets"][0]["name"], "default", {})
-    batch_key = ds.get("batch_key", "slice")
-    k = int(ds.get("n_domains", 7))
-    harmony = bool(plan["settings"].get("harmony", [True])[0]) \
-        and adata.obs[batch_key].nunique() > 1
-    order = np.argsort(adata.obs_names.to_numpy(dtype=str), kind="stable")  # as cluster()
+    data = PlanData(args.plan)
+    adata, batch_key, k, harmony = data.adata, data.batch_key, data.k, data.harmony
+    order, names = data.order, data.names
     share = M.neighbour_share(C.same_slice_neighbours(adata, batch_key)[order][:, order])
-    names = adata.obs[batch_key].astype(str).to_numpy()[order]
     ours = M.TiedGaussianMixture  # fit_gmm builds this class; sklearn's is the fit of before
     rows: dict = {}
     try:
