@@ -66,6 +66,21 @@ class StoredRun:
                               for m in [(self.slices == s) & self.known]]))
 
 
+def stored_embedding_parser(doc: str):
+    """The command line of the scripts that re-run the caller on the embeddings
+    ``model_ensembles.py train`` stored: a plan, the store's tag and folder, seeds, a result
+    name. Add a script's own options to the parser it returns."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("plan")
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--seeds", default="0-9")
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--name", default=None)
+    return parser
+
+
 class PlanData:
     """A plan's first dataset prepared as the benchmark harness prepares it (the same spot
     names, so the caller's samples are the harness's), with what the scripts that re-run the

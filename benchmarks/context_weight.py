@@ -20,25 +20,18 @@ Result: benchmarks/results/context_weight_<tag>.json (or --name)
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import numpy as np
 
-from _common import PlanData, seed_list, write_result
+from _common import PlanData, seed_list, stored_embedding_parser, write_result
 
 
 def main() -> None:
     import spamask_integrate as si
     from sklearn.metrics import adjusted_rand_score
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("plan")
-    ap.add_argument("--tag", required=True)
-    ap.add_argument("--seeds", default="0-9")
-    ap.add_argument("--store", type=Path, required=True)
+    ap = stored_embedding_parser(__doc__)
     ap.add_argument("--weights", default="0,0.5")
-    ap.add_argument("--name", default=None)
     ap.add_argument("--caller-offset", type=int, default=0)
     ap.add_argument("--n-starts", type=int, default=None,
                     help="the caller's GMM starts (default: the library's default)")

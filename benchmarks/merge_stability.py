@@ -24,13 +24,11 @@ Result: benchmarks/results/merge_stability_<tag>.json (or --name)
 
 from __future__ import annotations
 
-import argparse
 import importlib
-from pathlib import Path
 
 import numpy as np
 
-from _common import PlanData, seed_list, write_result
+from _common import PlanData, seed_list, stored_embedding_parser, write_result
 
 
 def main() -> None:
@@ -38,12 +36,7 @@ def main() -> None:
     from spamask_integrate import mixture as M
 
     C = importlib.import_module("spamask_integrate.cluster")
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("plan")
-    ap.add_argument("--tag", required=True)
-    ap.add_argument("--seeds", default="0-9")
-    ap.add_argument("--store", type=Path, required=True)
-    ap.add_argument("--name", default=None)
+    ap = stored_embedding_parser(__doc__)
     args = ap.parse_args()
     data = PlanData(args.plan)
     adata, batch_key, k, order = data.adata, data.batch_key, data.k, data.order
