@@ -119,12 +119,9 @@ def main() -> None:
             adata.obsm["X_spamask"] = np.load(args.store / f"{args.tag}_{seed}.npz")["emb"]
             _, rep = si.caller_input(adata, batch_key, harmony=harmony, seed=seed)
         x = C.reduce(adata.obsm[rep][order], 30, seed)
-        gmm, _ = M.medoid_start(x, names, n_fit, seed=seed, fit_spots=20_000)
-        if len(x) > 20_000:  # as the caller: the chosen start refitted on 200,000 spots
-            fit = x[C._sample(len(x), 200_000, seed)]
-            gmm = M.fit_gmm(fit, n_fit, "EEE", seed, weights_init=gmm.weights_,
-                            means_init=gmm.means_, precisions_init=gmm.precisions_)
-        start = gmm.predict_proba(x)
+        # the caller's own start (medoid of its starts, refitted above 20,000 spots), its
+        # posteriors before the spatial EM
+        _, _, start = C._gmm(x, n_fit, "EEE", seed, 200_000, names, M.N_STARTS, 0.0, None)
         row: dict = {}
         tic = time.perf_counter()
         q, steps = potts_em_before(x, share, start, C.SPATIAL_PRIOR)
