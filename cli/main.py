@@ -192,7 +192,7 @@ def _print_scores(metrics, out: Path | None) -> None:
 
 # ------------------------------------------------------------------------------------ run
 RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_method", "harmony", "refine",
-            "n_starts", "spatial_prior", "n_components", "context_weight", "graph_method", "k", "radius", "platform", "scib",
+            "n_starts", "keep_starts", "spatial_prior", "n_components", "context_weight", "graph_method", "k", "radius", "platform", "scib",
             "scib_max_spots", "figures"}
 
 
@@ -212,6 +212,9 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
 @click.option("--refine/--no-refine", default=None, help="Spatial majority-vote refinement.")
 @click.option("--n-starts", type=click.IntRange(min=1), default=None,
               help="GMM starts of the domain caller [120].")
+@click.option("--keep-starts", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Share of the GMM starts, the most likely, among which the domain caller "
+                   "picks the most typical one; 1 = all [0.75].")
 @click.option("--spatial-prior", type=click.FloatRange(min=0), default=None,
               help="Potts strength of the domain caller, 0 = none [4].")
 @click.option("--n-components", type=click.IntRange(min=2), default=None,

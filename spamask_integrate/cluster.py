@@ -12,8 +12,8 @@ import scipy.sparse as sp
 
 from .config import Keys
 from .errors import ConfigError, InputError
-from .mixture import (MCLUST_MODELS, N_STARTS, fit_gmm, medoid_start, merge_components,
-                      neighbour_share, potts_em)
+from .mixture import (KEEP_STARTS, MCLUST_MODELS, N_STARTS, fit_gmm, medoid_start,
+                      merge_components, neighbour_share, potts_em)
 from .utils import batch_codes, record, require_obsm
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def cluster(
     gmm_model: str = "EEE",
     k_range: tuple[int, int] = (2, 15),
     n_starts: int = N_STARTS,
+    keep_starts: float = KEEP_STARTS,
     spatial_prior: float = SPATIAL_PRIOR,
     n_components: int | None = None,
     merge_rep: str = Keys.PCA,
@@ -52,8 +53,9 @@ def cluster(
     method
         ``"gmm"``: the domain caller of :mod:`spamask_integrate.mixture`: ``n_starts`` seeded
         Gaussian mixtures (``gmm_model`` "EEE" = one shared full covariance, as mclust's
-        EEE), the start that agrees most with the others, refitted with a Potts prior of
-        strength ``spatial_prior`` over each slice's neighbour graph. ``"kmeans"``, or
+        EEE); of the ``keep_starts`` share with the highest likelihood, the one that agrees
+        most with the others, refitted with a Potts prior of strength ``spatial_prior`` over
+        each slice's neighbour graph. ``"kmeans"``, or
         ``"leiden"`` (resolution searched to give exactly K).
     use_rep
         Embedding to cluster; default ``X_spamask_harmony`` if present, else ``X_spamask``.
@@ -62,6 +64,9 @@ def cluster(
     n_starts, spatial_prior
         GMM starts, and the largest log-odds a spot's neighbours add to a domain (0: none;
         needs ``gmm_model="EEE"``). ``n_starts=1, spatial_prior=0`` is a plain GMM.
+    keep_starts
+        Share of the starts, those with the highest log-likelihood, among which the most
+        typical one is chosen (1: all starts, the caller before 2026-12-06 evening).
     n_components, merge_rep
         Opt-in, for layered tissue whose embedding is a smooth gradient (not the default:
         it lowers osmFISH, benchmarks/README.md, "More components than domains"): the GMM
@@ -89,9 +94,7 @@ def cluster(
         raise ConfigError(f"n_domains={n_domains}: must be at least 2")
     if gmm_model not in MCLUST_MODELS:
         raise ConfigError(f"gmm_model={gmm_model!r}: use one of {', '.join(MCLUST_MODELS)}")
-    if int(n_starts) < 1 or spatial_prior < 0:
-        raise ConfigError(f"n_starts={n_starts}, spatial_prior={spatial_prior}: need "
-                          "n_starts >= 1 and spatial_prior >= 0")
+    check_caller(n_starts, keep_starts, spatial_prior)
     if n_components is not None and method != "gmm":
         raise ConfigError(f"n_components={n_components} needs method='gmm' (got {method!r})")
     if method == "gmm" and spatial_prior > 0 and gmm_model != "EEE":
@@ -125,7 +128,7 @@ def cluster(
             share = neighbour_share(same_slice_neighbours(adata, batch_key)[order][:, order])
         n_fit = min(n_domains if n_components is None else int(n_components), adata.n_obs)
         labels, info, resp = _gmm(x, n_fit, gmm_model, seed, max_fit, names, int(n_starts),
-                                  float(spatial_prior), share)
+                                  float(spatial_prior), share, float(keep_starts))
         params.update(gmm_model=gmm_model, **info)
         if n_fit > n_domains:
             mapping = merge_components(resp, adata.obsm[merge_rep], n_domains, rows=order)
@@ -153,6 +156,16 @@ def cluster(
     return adata if copy else None
 
 
+def check_caller(n_starts: int, keep_starts: float, spatial_prior: float) -> None:
+    """Raise ``ConfigError`` for settings the GMM caller cannot use (``run`` checks them
+    before the training, not after it)."""
+    if not 0.0 < float(keep_starts) <= 1.0:
+        raise ConfigError(f"keep_starts={keep_starts}: must be above 0 and at most 1")
+    if int(n_starts) < 1 or spatial_prior < 0:
+        raise ConfigError(f"n_starts={n_starts}, spatial_prior={spatial_prior}: need "
+                          "n_starts >= 1 and spatial_prior >= 0")
+
+
 def reduce(x, n_pcs: int | None, seed: int) -> np.ndarray:
     """``x`` as float64, reduced to ``n_pcs`` principal components if it has more columns."""
     x = x.toarray() if sp.issparse(x) else np.asarray(x)
@@ -176,20 +189,25 @@ def _gmm_fit(x: np.ndarray, k: int, model: str, seed: int, max_fit: int):
 
 
 def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int, groups: np.ndarray,
-         n_starts: int, spatial_prior: float, share) -> tuple[np.ndarray, dict, np.ndarray]:
+         n_starts: int, spatial_prior: float, share, keep_starts: float = KEEP_STARTS
+         ) -> tuple[np.ndarray, dict, np.ndarray]:
     """The mixture on ``x`` (canonical order): medoid start, then the Potts EM; returns the
     labels, what to record and the responsibilities."""
-    gmm, agree = medoid_start(x, groups, k, model=model, n_starts=n_starts, seed=seed,
-                              fit_spots=min(max_fit, 20_000))
+    gmm, agree, kept = medoid_start(x, groups, k, model=model, n_starts=n_starts, seed=seed,
+                                    fit_spots=min(max_fit, 20_000), keep=keep_starts)
     if len(x) > 20_000:  # the starts saw a sample: refit the chosen one on max_fit spots
         fit = x[_sample(len(x), max_fit, seed)]
         gmm = fit_gmm(fit, k, model, seed, weights_init=gmm.weights_, means_init=gmm.means_,
                       precisions_init=gmm.precisions_)
-    off_diag = agree[~np.eye(len(agree), dtype=bool)]
-    info = {"n_starts": n_starts, "spatial_prior": spatial_prior,
-            "start_agreement": float(off_diag.mean()) if off_diag.size else 1.0}
-    logger.info("cluster: %d GMM starts agree at mean ARI %.2f%s", n_starts,
-                info["start_agreement"], "" if info["start_agreement"] >= 0.8 else
+    def mean_agreement(a: np.ndarray) -> float:  # between different starts
+        return float(a[~np.eye(len(a), dtype=bool)].mean()) if len(a) > 1 else 1.0
+
+    info = {"n_starts": n_starts, "keep_starts": keep_starts, "kept_starts": int(len(kept)),
+            "spatial_prior": spatial_prior, "start_agreement": mean_agreement(agree),
+            "kept_agreement": mean_agreement(agree[np.ix_(kept, kept)])}
+    logger.info("cluster: %d GMM starts agree at mean ARI %.2f (the %d likeliest, which "
+                "choose the start, at %.2f)%s", n_starts, info["start_agreement"], len(kept),
+                info["kept_agreement"], "" if info["start_agreement"] >= 0.8 else
                 f"; {k} domains are not sharply defined in this embedding, so expect other "
                 "seeds or K to move them")
     resp = gmm.predict_proba(x)

@@ -11,7 +11,7 @@ from typing import Any
 
 import anndata as ad
 
-from .cluster import N_STARTS, SPATIAL_PRIOR, cluster
+from .cluster import KEEP_STARTS, N_STARTS, SPATIAL_PRIOR, check_caller, cluster
 from .config import Keys, SpamaskConfig
 from .context import CONTEXT_WEIGHT, caller_input, check_weight
 from .errors import ConfigError
@@ -37,6 +37,7 @@ def run(
     harmony: bool | None = None,
     refine: bool = False,
     n_starts: int = N_STARTS,
+    keep_starts: float = KEEP_STARTS,
     spatial_prior: float = SPATIAL_PRIOR,
     n_components: int | None = None,
     context_weight: float = CONTEXT_WEIGHT,
@@ -77,8 +78,9 @@ def run(
         Also write the self-contained ``report.html`` into ``out_dir``.
     harmony
         Harmony on the embedding; ``None`` = on when there are several slices.
-    n_starts, spatial_prior, n_components
-        The domain caller's GMM starts, Potts strength and mixture components before they
+    n_starts, keep_starts, spatial_prior, n_components
+        The domain caller's GMM starts, the share of them (the most likely) it picks the
+        most typical one from, its Potts strength and the mixture components before they
         are joined into K domains in the model input (``None``: K, no merge; see
         :func:`cluster`).
     context_weight
@@ -106,6 +108,7 @@ def run(
     config = (config or SpamaskConfig()).replace(**train_overrides)
     seed = config.seed
     check_weight(context_weight)  # before the training, not after it
+    check_caller(n_starts, keep_starts, spatial_prior)
     if shard_slices or nproc > 1 or nnodes > 1:
         config.require_one_model("nproc/nnodes > 1 or shard_slices")
     timings: dict[str, float] = {}
@@ -148,8 +151,8 @@ def run(
                           seed=seed, step=step)
     with step("cluster"):
         cluster(adata, n_domains, cluster_method, use_rep=rep, batch_key=batch_key,
-                refine=refine, n_starts=n_starts, spatial_prior=spatial_prior,
-                n_components=n_components, seed=seed)
+                refine=refine, n_starts=n_starts, keep_starts=keep_starts,
+                spatial_prior=spatial_prior, n_components=n_components, seed=seed)
     with step("evaluate"):
         keys = [Keys.PCA, Keys.EMB] + ([Keys.EMB_HARMONY] if use_harmony else [])
         metrics = evaluate(adata, label_key, batch_key, keys if scib else None, scib=scib,
@@ -158,7 +161,7 @@ def run(
               "batch_key": batch_key, "label_key": label_key or "",
               "slice_column": slice_column or "", "n_domains": n_domains or 0,
               "cluster_method": cluster_method, "harmony": use_harmony, "refine": refine,
-              "n_starts": n_starts, "spatial_prior": spatial_prior,
+              "n_starts": n_starts, "keep_starts": keep_starts, "spatial_prior": spatial_prior,
               "n_components": n_components or 0, "context_weight": context_weight,
               "graph_method": graph_method, "k": k or 0, "radius": radius or 0,
               "platform": platform or "", "preprocess": preprocess_kwargs or {},

@@ -35,13 +35,14 @@ def test_run_then_evaluate_reproduces(slice_files, tmp_path):
     out = tmp_path / "out"
     res = _run(["-q", "run", *map(str, paths), "-o", str(out), "--label-key", "ground_truth",
                 "--n-domains", "4", "--k", "6", "--config", str(config), "--seed", "5",
-                "--context-weight", "0.25", "--n-components", "6"])
+                "--context-weight", "0.25", "--n-components", "6", "--keep-starts", "0.5"])
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == OUTPUTS
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["status"] == "ok" and run_json["params"]["train"]["seed"] == 5
     assert run_json["params"]["context_weight"] == 0.25
     assert run_json["params"]["n_components"] == 6  # 6 components joined into 4 domains
+    assert run_json["params"]["keep_starts"] == 0.5
     assert pd.read_csv(out / "domains.csv")["domain"].nunique() == 4
     assert {"read", "train", "cluster", "evaluate", "total"} <= set(run_json["seconds"])
     assert "ARI" in res.output
@@ -107,6 +108,7 @@ def test_bad_inputs(slice_files, tmp_path):
     _assert_fails(["run", "-o", str(out), "--config", str(broken), str(paths[0])], 2,
                   "cannot read config", out)
     _assert_fails(base + [str(paths[0]), "--cluster", "dbscan"], 2, "dbscan", out)
+    _assert_fails(base + [str(paths[0]), "--keep-starts", "0"], 2, "--keep-starts", out)
     _assert_fails(base + [str(paths[0]), "--fanouts", "a,b"], 2, "--fanouts", out)
     blocker = tmp_path / "file_not_dir"
     blocker.write_text("x")

@@ -6,7 +6,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import spamask_integrate as si
 from spamask_integrate.cluster import refine_labels, same_slice_neighbours
-from spamask_integrate.mixture import N_STARTS
+from spamask_integrate.mixture import KEEP_STARTS, N_STARTS
 
 
 @pytest.fixture
@@ -138,7 +138,9 @@ def test_caller_recovers_planted_domains_where_plain_gmm_fails(noisy_layers):
     assert max(plain) < 0.5 < vote < 0.85 < caller
     info = a.uns["spamask"]["cluster"]
     assert info["n_starts"] == N_STARTS and info["spatial_prior"] > 0
-    assert 0 < info["start_agreement"] <= 1
+    assert 0 < info["start_agreement"] <= 1 and 0 < info["kept_agreement"] <= 1
+    assert info["keep_starts"] == KEEP_STARTS
+    assert info["kept_starts"] == int(np.ceil(KEEP_STARTS * N_STARTS)) < N_STARTS
 
 
 def test_potts_em_reports_whether_it_converged(noisy_layers):
@@ -193,6 +195,42 @@ def test_caller_gives_one_answer_for_every_seed(noisy_layers):
         si.cluster(a, 4, use_rep="X_emb", seed=seed)
         answers.append(a.obs["domain"].to_numpy().copy())
     assert all(np.array_equal(answers[0], other) for other in answers[1:])
+
+
+def test_medoid_is_chosen_among_the_most_likely_starts(monkeypatch):
+    """Starts stuck in a poor optimum must not outvote the better ones: of ten starts, six
+    give a partition of lower log-likelihood and four a better one. All ten vote for the
+    six; kept at the top half by likelihood, the four decide. kept_starts breaks ties by
+    position and keeps at least one start."""
+    from spamask_integrate import mixture as M
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3))
+    good = (x[:, 0] > 0).astype(int)
+    poor = (x[:, 1] > 0.5).astype(int)
+
+    class Start:
+        def __init__(self, labels, ll):
+            self.labels, self.lower_bound_ = labels, ll
+
+        def predict(self, rows):  # 400 spots: the probe is every row, in order
+            assert np.array_equal(rows, x)
+            return self.labels
+
+    starts = [Start(poor, -3.0 - 0.01 * i) for i in range(6)] + \
+             [Start(good, -2.0 - 0.01 * i) for i in range(4)]
+    monkeypatch.setattr(M, "fit_starts", lambda xs, k, model, seeds: starts[:len(seeds)])
+    groups = np.zeros(len(x), dtype=str)
+    every, _, kept_all = M.medoid_start(x, groups, 2, n_starts=10, keep=1.0)
+    assert every.labels is poor and len(kept_all) == 10
+    trimmed, agree, kept = M.medoid_start(x, groups, 2, n_starts=10, keep=0.5)
+    assert trimmed.labels is good and agree.shape == (10, 10)
+    assert list(kept) == [0, 6, 7, 8, 9]  # the four good starts and the best poor one
+    assert list(M.kept_starts([1.0, 2.0, 2.0, 0.5], 0.5)) == [1, 2]
+    assert list(M.kept_starts([1.0, 1.0, 1.0], 0.34)) == [0, 1]
+    assert list(M.kept_starts([5.0], 0.1)) == [0]
+    with pytest.raises(ValueError, match="keep=0"):
+        M.medoid_start(x, groups, 2, n_starts=10, keep=0)
 
 
 def test_starts_side_by_side_equal_one_after_another(noisy_layers):
@@ -310,6 +348,11 @@ def test_errors(blobs):
         si.cluster(a, 4, use_rep="X_none")
     with pytest.raises(si.ConfigError, match="n_starts=0"):
         si.cluster(a, 4, use_rep="X_spamask", n_starts=0)
+    with pytest.raises(si.ConfigError, match="keep_starts=1.5"):
+        si.cluster(a, 4, use_rep="X_spamask", keep_starts=1.5)
+    for bad in (dict(keep_starts=0.0), dict(n_starts=0)):  # run() refuses before training
+        with pytest.raises(si.ConfigError, match=f"{next(iter(bad))}=0"):
+            si.run(a, None, **bad)
     with pytest.raises(si.ConfigError, match="gmm_model='EEE'"):
         si.cluster(a, 4, use_rep="X_spamask", gmm_model="VVV")
     with pytest.raises(si.ConfigError, match="n_components=3"):
