@@ -12,6 +12,7 @@ between them.
 
 Prepares a plan's first dataset as the harness does, loads each seed's embedding stored by
 ``model_ensembles.py train`` and builds the caller's input as ``run`` does (``caller_input``).
+``--merge`` runs the caller's opt-in merge instead (2 K components joined into K).
 
 Usage: python benchmarks/trim_starts.py benchmarks/plans/osmfish_default.yaml --tag osmfish
            --seeds 0-19 --store /tmp/cstore --keep 1,0.75,0.5 --target 0.65
@@ -36,11 +37,14 @@ def main() -> None:
     ap.add_argument("--caller-offset", type=int, default=1000)
     ap.add_argument("--target", type=float, required=True,
                     help="count the calls below this mean ARI")
+    ap.add_argument("--merge", action="store_true",
+                    help="the caller's opt-in merge: 2 K components joined into K")
     args = ap.parse_args()
     keeps = [float(v) for v in args.keep.split(",")]
     data = PlanData(args.plan)
     adata, batch_key = data.adata, data.batch_key
     offsets = [0, args.caller_offset]
+    merge = {"n_components": 2 * data.k} if args.merge else {}
 
     rows: dict = {str(v): {} for v in keeps}
     for seed in seed_list(args.seeds):
@@ -52,7 +56,7 @@ def main() -> None:
             for off in offsets:
                 t0 = time.perf_counter()
                 si.cluster(adata, data.k, "gmm", use_rep=rep, batch_key=batch_key,
-                           seed=seed + off, keep_starts=keep, key_added="trimmed")
+                           seed=seed + off, keep_starts=keep, key_added="trimmed", **merge)
                 info = adata.uns["spamask"]["cluster"]
                 calls.append({"ari": data.score("trimmed"),
                               "domains": adata.obs["trimmed"].to_numpy().copy(),
@@ -97,7 +101,7 @@ def main() -> None:
               f"{s['moved_mean']:.3f} / {s['moved_max']:.3f}; against keep {keeps[0]:g} "
               f"{s['paired_mean']:+.4f} ± {s['paired_sd']:.4f} ({s['up']} up, {s['down']} down)")
     write_result(args.name or f"trim_starts_{args.tag}",
-                 {"plan": args.plan, "seeds": args.seeds, "keep": keeps,
+                 {"plan": args.plan, "seeds": args.seeds, "keep": keeps, "merge": args.merge,
                   "caller_offset": args.caller_offset, "target": args.target,
                   "summary": summary, "seeds_rows": rows})
 
