@@ -188,6 +188,11 @@ def _gmm_fit(x: np.ndarray, k: int, model: str, seed: int, max_fit: int):
     return fit_gmm(fit, k, model, seed), fit
 
 
+def _mean_agreement(agree: np.ndarray) -> float:
+    """Mean ARI between different starts (off the diagonal); 1 for a single start."""
+    return float(agree[~np.eye(len(agree), dtype=bool)].mean()) if len(agree) > 1 else 1.0
+
+
 def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int, groups: np.ndarray,
          n_starts: int, spatial_prior: float, share, keep_starts: float = KEEP_STARTS
          ) -> tuple[np.ndarray, dict, np.ndarray]:
@@ -199,12 +204,9 @@ def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int, groups: np.
         fit = x[_sample(len(x), max_fit, seed)]
         gmm = fit_gmm(fit, k, model, seed, weights_init=gmm.weights_, means_init=gmm.means_,
                       precisions_init=gmm.precisions_)
-    def mean_agreement(a: np.ndarray) -> float:  # between different starts
-        return float(a[~np.eye(len(a), dtype=bool)].mean()) if len(a) > 1 else 1.0
-
     info = {"n_starts": n_starts, "keep_starts": keep_starts, "kept_starts": int(len(kept)),
-            "spatial_prior": spatial_prior, "start_agreement": mean_agreement(agree),
-            "kept_agreement": mean_agreement(agree[np.ix_(kept, kept)])}
+            "spatial_prior": spatial_prior, "start_agreement": _mean_agreement(agree),
+            "kept_agreement": _mean_agreement(agree[np.ix_(kept, kept)])}
     logger.info("cluster: %d GMM starts agree at mean ARI %.2f (the %d likeliest, which "
                 "choose the start, at %.2f)%s", n_starts, info["start_agreement"], len(kept),
                 info["kept_agreement"], "" if info["start_agreement"] >= 0.8 else
