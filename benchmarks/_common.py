@@ -124,7 +124,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from spamask_integrate.utils import numpy_blas
+
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_cpu": torch.backends.cpu.get_cpu_capability(), "numpy_blas": numpy_blas(),
             "python": platform.python_version(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
 

@@ -406,7 +406,9 @@ def embed_and_record(adata: ad.AnnData, model: SpaMask, graph, *, batch_key: str
 
 
 def versions() -> dict[str, str]:
-    """Versions of the packages that decide the numbers."""
+    """Versions of the packages that decide the numbers, and the CPU kernels torch and numpy
+    run (``torch_cpu``: the vector instructions of torch's own CPU kernels, e.g. "AVX512" or
+    "AVX2"; the same seed trains another embedding where they differ)."""
     import dgl
     import sklearn
 
@@ -414,6 +416,7 @@ def versions() -> dict[str, str]:
     from .utils import numpy_blas
 
     return {"spamask_integrate": __version__, "torch": str(torch.__version__),
+            "torch_cpu": str(torch.backends.cpu.get_cpu_capability()),
             "dgl": str(dgl.__version__),
             "numpy": np.__version__, "numpy_blas": numpy_blas(), "sklearn": sklearn.__version__,
             "python": platform.python_version()}

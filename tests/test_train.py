@@ -115,6 +115,7 @@ def test_loss_decreases_and_domains_recovered(tiny_prepped):
     info = adata.uns["spamask"]["train"]
     assert info["seed"] == 0 and info["device"] == "cpu" and len(info["loss"]) == 60
     assert info["versions"]["dgl"] == "2.1.0"
+    assert info["versions"]["torch_cpu"] in ("DEFAULT", "AVX2", "AVX512", "VSX", "ZVECTOR")
 
 
 def test_cpu_determinism(tiny_prepped):
