@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -113,8 +112,11 @@ class PlanData:
 
 
 def machine() -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on: the CPU, the threads and the package versions and
+    CPU kernels a run records (``spamask_integrate.train.versions``)."""
     import torch
+
+    from spamask_integrate.train import versions
 
     cpu = "unknown"
     try:
@@ -124,12 +126,8 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    from spamask_integrate.utils import numpy_blas
-
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch_cpu": torch.backends.cpu.get_cpu_capability(), "numpy_blas": numpy_blas(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+            **versions(), "date": time.strftime("%Y-%m-%d")}
 
 
 def peak_rss_gb() -> float:
