@@ -6,8 +6,10 @@ Two steps, so that one set of trainings serves every comparison:
 preprocessing, graph and training of a plan's first dataset and variant); its embedding is
 saved to ``--store``/<tag>_<seed>.npz, the labels and slices to ``--store``/meta_<tag>.npz.
 
-``score``: the default caller (Harmony when the plan has it, the domain caller, K from the
-plan; mean over slices of the per-slice ARI) on
+``score``: the default caller on the caller's input as ``run`` builds it (the context block
+beside the embedding, Harmony when the plan has it; ``--context-weight 0``: the embedding
+alone, as before 2026-12-06), K from the plan, on the harness's spots and spot names; mean
+over slices of the per-slice ARI; on
 
 - each seed's embedding alone (what ``n_models=1`` gives for that seed);
 - independent pairs (seeds 2i, 2i+1) and triples (3i, 3i+1, 3i+2) side by side, as
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import StoredRun, seed_list, write_result
+from _common import PlanData, seed_list, write_result
 
 
 def train(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path) -> None:
@@ -51,34 +53,36 @@ def train(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path)
         print(f"seed {seed} trained", flush=True)
 
 
-def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path) -> dict:
+def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path,
+          context_weight: float | None = None) -> dict:
     import spamask_integrate as si
-    from spamask_integrate import benchmark as B
+    from spamask_integrate.context import CONTEXT_WEIGHT
 
-    plan = B.load_plan(plan_path)
-    ds = plan["datasets"][0]
-    harmony = bool(plan["settings"].get("harmony", [True])[0])
-    k_domains = int(ds.get("n_domains", 7))
-    run = StoredRun(store, tag, k=B._options(plan, ds, variant)[2])  # the caller's prior
+    weight = CONTEXT_WEIGHT if context_weight is None else context_weight
+    data = PlanData(plan_path, variant)  # the harness's spots, names and model input
+    adata, batch_key, k_domains = data.adata, data.batch_key, data.k
 
     def ari(x: np.ndarray, seed: int) -> float:
-        a = run.base.copy()
-        a.obsm["X"] = np.ascontiguousarray(x, dtype=np.float32)
-        rep = "X"
-        if harmony and a.obs["slice"].nunique() > 1:
-            si.integrate(a, "slice", use_rep="X", key_added="X_harmony", seed=seed)
-            rep = "X_harmony"
-        si.cluster(a, k_domains, "gmm", use_rep=rep, batch_key="slice", seed=seed)
-        return run.score(a.obs["domain"].to_numpy())
+        """The caller's input as ``run`` builds it (``caller_input``: the context block
+        beside the embedding, Harmony when the plan has it), then the default caller."""
+        adata.obsm["X_spamask"] = np.ascontiguousarray(x, dtype=np.float32)
+        _, rep = si.caller_input(adata, batch_key, weight=weight, harmony=data.harmony,
+                                 seed=seed)
+        si.cluster(adata, k_domains, "gmm", use_rep=rep, batch_key=batch_key, seed=seed,
+                   key_added="ensemble")
+        return data.score("ensemble")
+
+    def embedding(seed: int) -> np.ndarray:
+        return np.load(store / f"{tag}_{seed}.npz")["emb"]
 
     out = {"single": {}, "pairs": {}, "triples": {}}
     for seed in seeds:
-        out["single"][str(seed)] = ari(run.embedding(seed), seed)
+        out["single"][str(seed)] = ari(embedding(seed), seed)
         print("single", seed, round(out["single"][str(seed)], 4), flush=True)
     for n, name in ((2, "pairs"), (3, "triples")):
         for i in range(len(seeds) // n):
             group = seeds[n * i:n * i + n]
-            out[name][",".join(map(str, group))] = ari(np.hstack([run.embedding(s) for s in group]),
+            out[name][",".join(map(str, group))] = ari(np.hstack([embedding(s) for s in group]),
                                                        group[0])
             print(name, group, round(out[name][",".join(map(str, group))], 4), flush=True)
     summary = {}
@@ -90,8 +94,8 @@ def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path)
                          "min": float(v.min()), "max": float(v.max()),
                          "below_0.58": int((v < 0.58).sum())}
         print(name, {k: round(x, 4) for k, x in summary[name].items()})
-    return {"plan": plan_path, "variant": variant, "seeds": seeds,
-            "harmony": harmony, "n_domains": k_domains, "ari_mean_over_slices": out,
+    return {"plan": plan_path, "variant": variant, "seeds": seeds, "context_weight": weight,
+            "harmony": data.harmony, "n_domains": k_domains, "ari_mean_over_slices": out,
             "summary": summary}
 
 
@@ -104,13 +108,17 @@ def main() -> None:
     p.add_argument("--seeds", default="0-29")
     p.add_argument("--store", type=Path, default=Path("/tmp/spamask_ensembles"))
     p.add_argument("--name", default=None, help="result name (default model_ensembles_<tag>)")
+    p.add_argument("--context-weight", type=float, default=None,
+                   help="score: the context block's weight (default: run's; 0 = the caller on "
+                        "the embedding alone, as before 2026-12-06)")
     args = p.parse_args()
     seeds = seed_list(args.seeds)
     if args.step == "train":
         train(args.plan, args.variant, args.tag, seeds, args.store)
     else:
         write_result(args.name or f"model_ensembles_{args.tag}",
-                     score(args.plan, args.variant, args.tag, seeds, args.store))
+                     score(args.plan, args.variant, args.tag, seeds, args.store,
+                           args.context_weight))
 
 
 if __name__ == "__main__":
