@@ -54,7 +54,7 @@ def train(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path)
 
 
 def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path,
-          context_weight: float | None = None) -> dict:
+          context_weight: float | None = None, target: float = 0.58) -> dict:
     import spamask_integrate as si
     from spamask_integrate.context import CONTEXT_WEIGHT
 
@@ -92,9 +92,10 @@ def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path,
             continue
         summary[name] = {"n": len(v), "mean": float(v.mean()), "sd": float(v.std(ddof=1)),
                          "min": float(v.min()), "max": float(v.max()),
-                         "below_0.58": int((v < 0.58).sum())}
+                         "below_target": int((v < target).sum())}
         print(name, {k: round(x, 4) for k, x in summary[name].items()})
     return {"plan": plan_path, "variant": variant, "seeds": seeds, "context_weight": weight,
+            "target": target,
             "harmony": data.harmony, "n_domains": k_domains, "ari_mean_over_slices": out,
             "summary": summary}
 
@@ -111,6 +112,8 @@ def main() -> None:
     p.add_argument("--context-weight", type=float, default=None,
                    help="score: the context block's weight (default: run's; 0 = the caller on "
                         "the embedding alone, as before 2026-12-06)")
+    p.add_argument("--target", type=float, default=0.58,
+                   help="score: count the runs below this mean ARI (e.g. 0.65 for osmFISH)")
     args = p.parse_args()
     seeds = seed_list(args.seeds)
     if args.step == "train":
@@ -118,7 +121,7 @@ def main() -> None:
     else:
         write_result(args.name or f"model_ensembles_{args.tag}",
                      score(args.plan, args.variant, args.tag, seeds, args.store,
-                           args.context_weight))
+                           args.context_weight, args.target))
 
 
 if __name__ == "__main__":
