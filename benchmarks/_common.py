@@ -30,6 +30,18 @@ def seed_list(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
+def stored_embedding_path(store: Path, tag: str, seed: int) -> Path:
+    """Where ``model_ensembles.py train`` stores the embedding of ``seed`` (key ``emb``)."""
+    return Path(store) / f"{tag}_{seed}.npz"
+
+
+def stored_embedding(store: Path, tag: str, seed: int):
+    """The embedding ``model_ensembles.py train`` stored for ``tag`` and ``seed``."""
+    import numpy as np
+
+    return np.load(stored_embedding_path(store, tag, seed))["emb"]
+
+
 class StoredRun:
     """The slices, labels and coordinates ``model_ensembles.py train`` stored for ``tag`` in
     ``store`` (meta_<tag>.npz), as an AnnData with the spatial graph the caller's prior uses
@@ -52,9 +64,7 @@ class StoredRun:
         si.build_graph(self.base, "slice", k=k)
 
     def embedding(self, seed: int):
-        import numpy as np
-
-        return np.load(self.store / f"{self.tag}_{seed}.npz")["emb"]
+        return stored_embedding(self.store, self.tag, seed)
 
     def score(self, domains) -> float:
         import numpy as np

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from _common import PlanData, seed_list, stored_embedding_parser, write_result
+from _common import PlanData, seed_list, stored_embedding, stored_embedding_parser, write_result
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     out: dict = {str(w): {} for w in weights}
     other: dict = {str(w): {} for w in weights}  # with the caller seed + offset
     for seed in seed_list(args.seeds):
-        adata.obsm["X_spamask"] = np.load(args.store / f"{args.tag}_{seed}.npz")["emb"]
+        adata.obsm["X_spamask"] = stored_embedding(args.store, args.tag, seed)
         row = []
         for w in weights:
             _, rep = si.caller_input(adata, batch_key, weight=w, harmony=harmony, seed=seed)

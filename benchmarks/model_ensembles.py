@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import PlanData, seed_list, write_result
+from _common import (PlanData, seed_list, stored_embedding, stored_embedding_path,
+                     write_result)
 
 
 def train(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path) -> None:
@@ -49,7 +50,7 @@ def train(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path)
     graph = to_dgl(adata, batch_key)
     for seed in seeds:
         fit(adata, graph, batch_key, seed=seed, quiet=True, **opts)
-        np.savez(store / f"{tag}_{seed}.npz", emb=np.asarray(adata.obsm["X_spamask"]))
+        np.savez(stored_embedding_path(store, tag, seed), emb=np.asarray(adata.obsm["X_spamask"]))
         print(f"seed {seed} trained", flush=True)
 
 
@@ -73,7 +74,7 @@ def score(plan_path: str, variant: str, tag: str, seeds: list[int], store: Path,
         return data.score("ensemble")
 
     def embedding(seed: int) -> np.ndarray:
-        return np.load(store / f"{tag}_{seed}.npz")["emb"]
+        return stored_embedding(store, tag, seed)
 
     out = {"single": {}, "pairs": {}, "triples": {}}
     for seed in seeds:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import PlanData, seed_list, write_result
+from _common import PlanData, seed_list, stored_embedding, write_result
 
 
 def potts_em_before(x, share, resp, beta, max_iter=100, tol=1e-4, reg=1e-6):
@@ -116,7 +116,7 @@ def main() -> None:
         if args.h5ad:
             rep = "caller"
         else:
-            adata.obsm["X_spamask"] = np.load(args.store / f"{args.tag}_{seed}.npz")["emb"]
+            adata.obsm["X_spamask"] = stored_embedding(args.store, args.tag, seed)
             _, rep = si.caller_input(adata, batch_key, harmony=harmony, seed=seed)
         x = C.reduce(adata.obsm[rep][order], 30, seed)
         # the caller's own start (medoid of its starts, refitted above 20,000 spots), its

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from _common import PlanData, seed_list, stored_embedding_parser, write_result
+from _common import PlanData, seed_list, stored_embedding, stored_embedding_parser, write_result
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     rows: dict = {}
     try:
         for seed in seed_list(args.seeds):
-            adata.obsm["X_spamask"] = np.load(args.store / f"{args.tag}_{seed}.npz")["emb"]
+            adata.obsm["X_spamask"] = stored_embedding(args.store, args.tag, seed)
             _, rep = si.caller_input(adata, batch_key, harmony=harmony, seed=seed)
             x = C.reduce(adata.obsm[rep][order], 30, seed)
             row = {}

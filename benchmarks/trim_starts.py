@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from _common import PlanData, seed_list, stored_embedding_parser, write_result
+from _common import PlanData, seed_list, stored_embedding, stored_embedding_parser, write_result
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
 
     rows: dict = {str(v): {} for v in keeps}
     for seed in seed_list(args.seeds):
-        adata.obsm["X_spamask"] = np.load(args.store / f"{args.tag}_{seed}.npz")["emb"]
+        adata.obsm["X_spamask"] = stored_embedding(args.store, args.tag, seed)
         _, rep = si.caller_input(adata, batch_key, harmony=data.harmony, seed=seed)
         line = []
         for keep in keeps:
