@@ -131,13 +131,14 @@ def cluster(
                                   float(spatial_prior), share, float(keep_starts))
         params.update(gmm_model=gmm_model, **info)
         if n_fit > n_domains:
-            mapping = merge_components(resp, adata.obsm[merge_rep], n_domains, rows=order)
+            mapping = merge_components(resp, adata.obsm[merge_rep], n_domains, fitted=emb,
+                                       rows=order)
             labels = mapping[labels]
-            params.update(n_components=n_fit, merge_rep=merge_rep,
+            params.update(n_components=n_fit, merge_rep=merge_rep, merge_fitted=use_rep,
                           merged=[np.flatnonzero(mapping == g).tolist()
                                   for g in range(n_domains)])
-            logger.info("cluster: %d mixture components joined into %d domains in obsm[%r]",
-                        n_fit, n_domains, merge_rep)
+            logger.info("cluster: %d mixture components joined into %d domains where obsm[%r] "
+                        "and obsm[%r] both call them alike", n_fit, n_domains, merge_rep, use_rep)
         else:
             params.update(n_components=n_fit, merge_rep="")
     elif method == "kmeans":

@@ -262,59 +262,92 @@ def potts_em(x: np.ndarray, share: sp.csr_matrix, resp: np.ndarray, beta: float,
                "potts_change": change, "potts_switched": switched}
 
 
-def merge_components(resp: np.ndarray, ref, k: int, *, rows: np.ndarray | None = None,
-                     reg: float = 1e-3, chunk: int = 100_000) -> np.ndarray:
-    """Join a mixture's components into ``k`` groups by how distinct they are in ``ref``.
+def merge_components(resp: np.ndarray, ref, k: int, *, fitted=None,
+                     rows: np.ndarray | None = None, reg: float = 1e-3,
+                     chunk: int = 100_000) -> np.ndarray:
+    """Join a mixture's components into ``k`` groups by how distinct they are in ``ref``
+    and, given ``fitted``, also in the view the mixture was fitted to.
 
     ``resp`` (spots x components) are the mixture's responsibilities and ``ref`` (spots x
-    features) a second view of the same spots: the model input, ``obsm["X_pca"]``. Each
-    component gets its weighted mean in ``ref``; the metric is the inverse of the pooled
-    within-component covariance of ``ref`` (ridge ``reg`` times its mean variance). Then, as
-    in Ward's method, the pair whose union raises the within-group scatter least,
+    features) a second view of the same spots: the model input, ``obsm["X_pca"]``. In each
+    view, each component gets its weighted mean, and the metric is the inverse of the pooled
+    within-component covariance (ridge ``reg`` times its mean variance). Then, as in Ward's
+    method, the pair whose union raises the within-group scatter least,
     ``w_a w_b / (w_a + w_b) * (m_a - m_b)' S^-1 (m_a - m_b)``, is joined until ``k`` remain.
+    With ``fitted`` (spots x features, e.g. the caller's input) a pair's cost is the larger
+    of its two costs, each divided by the median cost over all pairs of the components in
+    its view: two components are joined only when both views call them alike.
 
     Why: the embedding is smoothed over space, so a thick layer becomes a long, even stretch
     of it, and a mixture tiles that stretch with components of one width. Fitted with more
     components than domains, the mixture cuts the stretch finer; the pieces of one layer
-    have nearly the same expression, two layers do not, and that is what the merge reads.
+    have nearly the same expression and lie next to each other in the embedding, so both
+    views call them alike. Two layers differ in expression; two regions of one expression in
+    different places (osmFISH's "Layer 2-3 lateral" and "medial") differ in the spatially
+    smoothed embedding. Read alone, the expression joins the latter too (benchmarks/
+    README.md, "More components than domains").
 
-    ``rows``: row ``i`` of ``resp`` is row ``rows[i]`` of ``ref`` (read a chunk at a time,
-    so a large ``ref`` is never copied whole; dense or sparse). Returns an integer array
-    mapping each component to its group, 0..k-1.
+    ``rows``: row ``i`` of ``resp`` is row ``rows[i]`` of ``ref`` and of ``fitted`` (read a
+    chunk at a time, so a large view is never copied whole; dense or sparse). Returns an
+    integer array mapping each component to its group, 0..k-1.
     """
     n, m = resp.shape
     if k >= m:
         return np.arange(m)
     resp = np.asarray(resp, dtype=np.float64)
     nk = resp.sum(axis=0) + 1e-12
-    d = ref.shape[1]
-    sums = np.zeros((m, d))
-    gram = np.zeros((d, d))
-    for lo in range(0, n, chunk):  # float64 in chunks: ref may be float32 and large
-        block = ref[lo:lo + chunk] if rows is None else ref[rows[lo:lo + chunk]]
-        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
-        sums += resp[lo:lo + chunk].T @ block
-        gram += block.T @ block
-    means, cov = pooled_moments(sums, gram, nk, n, reg)
-    prec = np.linalg.inv(cov)
+    views = [_view_metric(resp, nk, v, rows, reg, chunk)
+             for v in ([ref] if fitted is None else [ref, fitted])]
+    weights = nk / n
+    scales = [1.0] * len(views)
+    if len(views) > 1:
+        scales = [max(float(np.median([_ward_cost(weights[a], weights[b], means[a] - means[b], prec)
+                                       for a in range(m) for b in range(a + 1, m)])), 1e-300)
+                  for means, prec in views]
     groups = [[c] for c in range(m)]
-    weights = list(nk / n)
-    centres = list(means)
+    weights = list(weights)
+    centres = [list(means) for means, _ in views]
     while len(groups) > k:
         best, pair = np.inf, (0, 1)
         for a in range(len(groups)):
             for b in range(a + 1, len(groups)):
-                diff = centres[a] - centres[b]
-                cost = weights[a] * weights[b] / (weights[a] + weights[b]) * diff @ prec @ diff
+                cost = max(_ward_cost(weights[a], weights[b], c[a] - c[b], prec) / scale
+                           for c, (_, prec), scale in zip(centres, views, scales))
                 if cost < best:
                     best, pair = cost, (a, b)
         a, b = pair
         total = weights[a] + weights[b]
-        centres[a] = (weights[a] * centres[a] + weights[b] * centres[b]) / total
+        for c in centres:
+            c[a] = (weights[a] * c[a] + weights[b] * c[b]) / total
+            del c[b]
         weights[a] = total
         groups[a] += groups[b]
-        del groups[b], weights[b], centres[b]
+        del groups[b], weights[b]
     mapping = np.empty(m, dtype=np.int64)
     for g, members in enumerate(groups):
         mapping[members] = g
     return mapping
+
+
+def _ward_cost(w_a: float, w_b: float, diff: np.ndarray, prec: np.ndarray) -> float:
+    """What joining two groups of weights ``w_a``, ``w_b`` and mean difference ``diff`` adds to
+    the within-group scatter under the metric ``prec`` (Ward's criterion)."""
+    return w_a * w_b / (w_a + w_b) * float(diff @ prec @ diff)
+
+
+def _view_metric(resp: np.ndarray, nk: np.ndarray, view, rows: np.ndarray | None, reg: float,
+                 chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The components' means in ``view`` and the inverse of its pooled within-component
+    covariance, read ``chunk`` rows at a time in float64 (``view`` may be float32, sparse
+    and large)."""
+    n = len(resp)
+    d = view.shape[1]
+    sums = np.zeros((resp.shape[1], d))
+    gram = np.zeros((d, d))
+    for lo in range(0, n, chunk):
+        block = view[lo:lo + chunk] if rows is None else view[rows[lo:lo + chunk]]
+        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+        sums += resp[lo:lo + chunk].T @ block
+        gram += block.T @ block
+    means, cov = pooled_moments(sums, gram, nk, n, reg)
+    return means, np.linalg.inv(cov)

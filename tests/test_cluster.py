@@ -123,6 +123,27 @@ def test_merge_components_joins_what_the_reference_does_not_tell_apart():
     np.testing.assert_array_equal(merge_components(resp, ref, 3, chunk=7), mapping)
 
 
+def test_merge_components_joins_only_what_both_views_call_alike():
+    # osmFISH's case: components 0-1-2 share their expression (ref), but in the view the
+    # mixture was fitted to (fitted) component 2 lies elsewhere, like one layer's lateral and
+    # medial halves; 3-4 are alike in both views, like two slabs of one layer
+    from spamask_integrate.mixture import merge_components
+
+    rng = np.random.default_rng(1)
+    comp = np.repeat(np.arange(6), 100)
+    resp = np.eye(6)[comp]
+    ref = rng.normal(0, 0.1, (600, 3)) + np.eye(3)[np.array([0, 0, 0, 1, 1, 2])[comp]] * 3
+    fitted = rng.normal(0, 0.1, (600, 4)) + np.eye(4)[np.array([0, 0, 1, 2, 2, 3])[comp]] * 3
+    groups = lambda mapping: {tuple(np.flatnonzero(mapping == g)) for g in range(mapping.max() + 1)}  # noqa: E731
+    assert groups(merge_components(resp, ref, 4, fitted=fitted)) == {(0, 1), (2,), (3, 4), (5,)}
+    # rows: resp's row i is the views' row rows[i]
+    rows = rng.permutation(600)
+    inv = np.argsort(rows)
+    np.testing.assert_array_equal(
+        merge_components(resp, ref[inv], 4, fitted=fitted[inv], rows=rows, chunk=50),
+        merge_components(resp, ref, 4, fitted=fitted))
+
+
 def test_caller_recovers_planted_domains_where_plain_gmm_fails(noisy_layers):
     a, truth = noisy_layers
     plain = []
