@@ -117,6 +117,22 @@ def _parse_k(value: str | None) -> int | None:
     return k
 
 
+def _parse_components(value: str) -> int | str | None:
+    """``--n-components``: 'auto', 'K' (K components, no merge: None) or an integer >= 2."""
+    from spamask_integrate.errors import ConfigError
+
+    if str(value).lower() in ("auto", "k"):
+        return "auto" if str(value).lower() == "auto" else None
+    try:
+        m = int(value)
+    except ValueError as exc:
+        raise ConfigError(f"--n-components {value!r}: give 'auto', 'K' or an integer >= 2") \
+            from exc
+    if m < 2:
+        raise ConfigError(f"--n-components {m}: must be at least 2 (or 'auto', 'K')")
+    return m
+
+
 def _parse_fanouts(value: str | None) -> tuple[int, ...] | None:
     from spamask_integrate.errors import ConfigError
 
@@ -217,10 +233,11 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
                    "picks the most typical one; 1 = all [0.75].")
 @click.option("--spatial-prior", type=click.FloatRange(min=0), default=None,
               help="Potts strength of the domain caller, 0 = none [4].")
-@click.option("--n-components", type=click.IntRange(min=2), default=None,
-              help="Mixture components of the domain caller, joined into K domains by how "
-                   "distinct their expression is (opt-in, e.g. 2 K for layered tissue; see "
-                   "benchmarks/README.md) [K].")
+@click.option("--n-components", default=None, metavar="auto|K|M",
+              help="Mixture components of the domain caller, joined into K domains where "
+                   "both the expression and the embedding call them alike: 'auto' = 2 K, "
+                   "'K' = K components and no merge, or a number M > K (see "
+                   "benchmarks/README.md) [auto].")
 @click.option("--context-weight", type=click.FloatRange(min=0), default=None,
               help="Weight of the input's spatial context beside the embedding in what the "
                    "domain caller sees, 0 = the embedding alone [0.5].")
@@ -292,6 +309,8 @@ def run(ctx: click.Context, sources, out: Path, manifest, config_path, mode, epo
         raise ConfigError(f"{config_path}: unknown key(s) {', '.join(unknown)}")
     params = {k: v for k, v in cfg.items() if k in RUN_KEYS}
     params.update({k: v for k, v in options.items() if v is not None})
+    if options.get("n_components") is not None:
+        params["n_components"] = _parse_components(options["n_components"])
     if n_domains is not None or "n_domains" not in params:
         params["n_domains"] = _parse_k(n_domains) if n_domains is not None else 7
     if no_scib:

@@ -10,7 +10,8 @@ Variants (``settings.variants``) are named overrides of the defaults, for ablati
       k_6: {k: 6}
       refined: {refine: true}
       embedding_alone: {context_weight: 0}
-      merged_from_14: {n_components: 14}   # the caller's opt-in merge, for every method
+      merged_from_14: {n_components: 14}   # the caller's merge from 14 components, for every method
+      k_components: {n_components: null}   # K components, no merge (the caller before 2026-12-07)
 """
 
 from __future__ import annotations
@@ -215,11 +216,14 @@ def _context_weight(plan: dict, variant: str) -> float:
     return float(_setting(plan, variant, "context_weight", CONTEXT_WEIGHT))
 
 
-def _n_components(plan: dict, variant: str) -> int | None:
+def _n_components(plan: dict, variant: str) -> int | str | None:
     """Mixture components of the domain caller before they are joined into K domains, for
-    every method (``n_components`` in the settings or a variant; ``None``: K, no merge)."""
-    value = _setting(plan, variant, "n_components")
-    return None if value is None else int(value)
+    every method (``n_components`` in the settings or a variant: a number, ``auto`` (the
+    default: 2 K) or ``null`` (K, no merge))."""
+    from .mixture import N_COMPONENTS
+
+    value = _setting(plan, variant, "n_components", N_COMPONENTS)
+    return value if value is None or value == "auto" else int(value)
 
 
 def _raw(plan: dict, name: str, cache: dict):

@@ -12,8 +12,8 @@ import scipy.sparse as sp
 
 from .config import Keys
 from .errors import ConfigError, InputError
-from .mixture import (KEEP_STARTS, MCLUST_MODELS, N_STARTS, fit_gmm, medoid_start,
-                      merge_components, neighbour_share, potts_em)
+from .mixture import (KEEP_STARTS, MCLUST_MODELS, N_COMPONENTS, N_STARTS, fit_gmm,
+                      medoid_start, merge_components, neighbour_share, potts_em)
 from .utils import batch_codes, record, require_obsm
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def cluster(
     n_starts: int = N_STARTS,
     keep_starts: float = KEEP_STARTS,
     spatial_prior: float = SPATIAL_PRIOR,
-    n_components: int | None = None,
+    n_components: int | str | None = N_COMPONENTS,
     merge_rep: str = Keys.PCA,
     refine: bool = False,
     max_fit: int = 200_000,
@@ -68,12 +68,14 @@ def cluster(
         Share of the starts, those with the highest log-likelihood, among which the most
         typical one is chosen (1: all starts, the caller before 2026-12-06 evening).
     n_components, merge_rep
-        Opt-in, for layered tissue whose embedding is a smooth gradient (not the default:
-        it lowers osmFISH, benchmarks/README.md, "More components than domains"): the GMM
-        caller fits ``n_components`` (> K, e.g. 2 K) components, then joins them into K
-        domains by how distinct they are in ``obsm[merge_rep]``, the model input (Ward's
-        criterion under the pooled within-component covariance;
-        :func:`~spamask_integrate.mixture.merge_components`). ``None``: K components.
+        The GMM caller fits ``n_components`` (> K) components, then joins them into K
+        domains, a pair at a time, where both ``obsm[merge_rep]`` (the model input) and
+        ``obsm[use_rep]`` call them alike (Ward's criterion under each view's pooled
+        within-component covariance; :func:`~spamask_integrate.mixture.merge_components`).
+        ``"auto"`` (default): 2 K components when ``obsm[merge_rep]`` exists, else K.
+        ``None``: K components, no merge (the caller before 2026-12-07). Why: a smoothed
+        embedding's thick layers are cut into slabs by K components
+        (benchmarks/README.md, "More components than domains").
     refine
         Relabel each spot by majority vote of its spatial neighbours in its own slice
         (``obs[key_added + "_unrefined"]`` keeps the labels before).
@@ -94,8 +96,9 @@ def cluster(
         raise ConfigError(f"n_domains={n_domains}: must be at least 2")
     if gmm_model not in MCLUST_MODELS:
         raise ConfigError(f"gmm_model={gmm_model!r}: use one of {', '.join(MCLUST_MODELS)}")
-    check_caller(n_starts, keep_starts, spatial_prior)
-    if n_components is not None and method != "gmm":
+    check_caller(n_starts, keep_starts, spatial_prior, n_components)
+    auto = n_components == "auto"
+    if not auto and n_components is not None and method != "gmm":
         raise ConfigError(f"n_components={n_components} needs method='gmm' (got {method!r})")
     if method == "gmm" and spatial_prior > 0 and gmm_model != "EEE":
         raise ConfigError(f"spatial_prior needs gmm_model='EEE' (got {gmm_model!r}); "
@@ -116,6 +119,13 @@ def cluster(
                       bic=np.asarray(bic))
         logger.info("cluster: K=%d estimated by BIC over %s", n_domains, k_range)
     n_domains = int(n_domains)
+    if auto:
+        n_components = None
+        if method == "gmm" and merge_rep in adata.obsm:
+            n_components = 2 * n_domains
+        elif method == "gmm":
+            logger.info("cluster: no obsm[%r] to join components in: %d components, no merge",
+                        merge_rep, n_domains)
     if n_components is not None and int(n_components) < n_domains:  # K given or estimated
         raise ConfigError(f"n_components={n_components}: need at least the {n_domains} domains")
     if n_components is not None:
@@ -157,9 +167,14 @@ def cluster(
     return adata if copy else None
 
 
-def check_caller(n_starts: int, keep_starts: float, spatial_prior: float) -> None:
+def check_caller(n_starts: int, keep_starts: float, spatial_prior: float,
+                 n_components: int | str | None = N_COMPONENTS) -> None:
     """Raise ``ConfigError`` for settings the GMM caller cannot use (``run`` checks them
     before the training, not after it)."""
+    if not (n_components is None or n_components == "auto"
+            or (isinstance(n_components, (int, np.integer)) and not isinstance(n_components, bool)
+                and n_components >= 2)):
+        raise ConfigError(f"n_components={n_components!r}: use an integer >= 2, 'auto' or None")
     if not 0.0 < float(keep_starts) <= 1.0:
         raise ConfigError(f"keep_starts={keep_starts}: must be above 0 and at most 1")
     if int(n_starts) < 1 or spatial_prior < 0:

@@ -11,7 +11,7 @@ from typing import Any
 
 import anndata as ad
 
-from .cluster import KEEP_STARTS, N_STARTS, SPATIAL_PRIOR, check_caller, cluster
+from .cluster import KEEP_STARTS, N_COMPONENTS, N_STARTS, SPATIAL_PRIOR, check_caller, cluster
 from .config import Keys, SpamaskConfig
 from .context import CONTEXT_WEIGHT, caller_input, check_weight
 from .errors import ConfigError
@@ -39,7 +39,7 @@ def run(
     n_starts: int = N_STARTS,
     keep_starts: float = KEEP_STARTS,
     spatial_prior: float = SPATIAL_PRIOR,
-    n_components: int | None = None,
+    n_components: int | str | None = N_COMPONENTS,
     context_weight: float = CONTEXT_WEIGHT,
     graph_method: str = "knn",
     k: int | None = None,
@@ -81,7 +81,7 @@ def run(
     n_starts, keep_starts, spatial_prior, n_components
         The domain caller's GMM starts, the share of them (the most likely) it picks the
         most typical one from, its Potts strength and the mixture components before they
-        are joined into K domains in the model input (``None``: K, no merge; see
+        are joined into K domains (``"auto"``: 2 K; ``None``: K, no merge; see
         :func:`cluster`).
     context_weight
         The caller clusters the embedding beside the spatial context of the model input,
@@ -108,7 +108,7 @@ def run(
     config = (config or SpamaskConfig()).replace(**train_overrides)
     seed = config.seed
     check_weight(context_weight)  # before the training, not after it
-    check_caller(n_starts, keep_starts, spatial_prior)
+    check_caller(n_starts, keep_starts, spatial_prior, n_components)
     if shard_slices or nproc > 1 or nnodes > 1:
         config.require_one_model("nproc/nnodes > 1 or shard_slices")
     timings: dict[str, float] = {}
@@ -162,7 +162,8 @@ def run(
               "slice_column": slice_column or "", "n_domains": n_domains or 0,
               "cluster_method": cluster_method, "harmony": use_harmony, "refine": refine,
               "n_starts": n_starts, "keep_starts": keep_starts, "spatial_prior": spatial_prior,
-              "n_components": n_components or 0, "context_weight": context_weight,
+              "n_components": 0 if n_components is None else n_components,
+              "context_weight": context_weight,
               "graph_method": graph_method, "k": k or 0, "radius": radius or 0,
               "platform": platform or "", "preprocess": preprocess_kwargs or {},
               "train": config.to_dict(), "scib": scib, "scib_max_spots": scib_max_spots}

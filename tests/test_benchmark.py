@@ -113,10 +113,11 @@ def test_variant_sets_the_callers_components_for_every_method(tiny_slices, tmp_p
   variants:
     default: {}
     merged_from_8: {n_components: 8}
+    k_components: {n_components: null}
 """)
     results = run_plan(plan, tmp_path / "out", progress=False)
     assert (results["status"] == "ok").all(), results[results.status != "ok"].error.tolist()
-    assert sorted(seen, key=str) == [8, 8, None, None]
+    assert sorted(seen, key=str) == [8, 8, None, None, "auto", "auto"]
 
 
 def test_results_from_before_variants_are_read_as_default(tmp_path):

@@ -90,17 +90,23 @@ def test_merge_recovers_thin_layers_a_smooth_embedding_runs_together(smooth_laye
     a, truth = smooth_layers
     unmerged = []
     for seed in (0, 1):
-        si.cluster(a, 4, use_rep="X_emb", seed=seed)  # the default: K components
+        si.cluster(a, 4, use_rep="X_emb", n_components=None, seed=seed)  # K, no merge
         unmerged.append(adjusted_rand_score(truth, a.obs["domain"]))
         assert a.uns["spamask"]["cluster"]["n_components"] == 4
     # K components tile the gradient in even slabs: a thick layer is cut, thin ones join
     assert max(unmerged) < 0.6
     for seed in (0, 1):
-        si.cluster(a, 4, use_rep="X_emb", n_components=8, seed=seed)
+        si.cluster(a, 4, use_rep="X_emb", seed=seed)  # the default: 2 K, joined
         assert adjusted_rand_score(truth, a.obs["domain"]) > 0.9
         info = a.uns["spamask"]["cluster"]
         assert info["n_components"] == 8 and info["merge_rep"] == "X_pca"
+        assert info["merge_fitted"] == "X_emb"
         assert a.obs["domain"].nunique() == 4
+    # without the model input to join them in, the default fits K components
+    b = a.copy()
+    del b.obsm["X_pca"]
+    si.cluster(b, 4, use_rep="X_emb", seed=0)
+    assert b.uns["spamask"]["cluster"]["n_components"] == 4
     si.cluster(a, 4, use_rep="X_emb", n_components=12, n_starts=20, seed=0)
     assert a.uns["spamask"]["cluster"]["n_components"] == 12
     assert a.obs["domain"].nunique() == 4
@@ -382,3 +388,8 @@ def test_errors(blobs):
         si.cluster(a, 4, "kmeans", use_rep="X_spamask", n_components=8)
     with pytest.raises(si.InputError, match="X_nopca"):
         si.cluster(a, 4, use_rep="X_spamask", n_components=8, merge_rep="X_nopca")
+    for bad in ("2k", 1, 2.5, True):
+        with pytest.raises(si.ConfigError, match="n_components="):
+            si.cluster(a, 4, use_rep="X_spamask", n_components=bad)
+    with pytest.raises(si.ConfigError, match="n_components='2k'"):  # before training
+        si.run(a, None, n_components="2k")
