@@ -138,7 +138,7 @@ def cluster(
             share = neighbour_share(same_slice_neighbours(adata, batch_key)[order][:, order])
         n_fit = min(n_domains if n_components is None else int(n_components), adata.n_obs)
         labels, info, resp = _gmm(x, n_fit, gmm_model, seed, max_fit, names, int(n_starts),
-                                  float(spatial_prior), share, float(keep_starts))
+                                  float(spatial_prior), share, float(keep_starts), n_domains)
         params.update(gmm_model=gmm_model, **info)
         if n_fit > n_domains:
             mapping = merge_components(resp, adata.obsm[merge_rep], n_domains, fitted=emb,
@@ -210,10 +210,12 @@ def _mean_agreement(agree: np.ndarray) -> float:
 
 
 def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int, groups: np.ndarray,
-         n_starts: int, spatial_prior: float, share, keep_starts: float = KEEP_STARTS
-         ) -> tuple[np.ndarray, dict, np.ndarray]:
-    """The mixture on ``x`` (canonical order): medoid start, then the Potts EM; returns the
-    labels, what to record and the responsibilities."""
+         n_starts: int, spatial_prior: float, share, keep_starts: float = KEEP_STARTS,
+         n_domains: int | None = None) -> tuple[np.ndarray, dict, np.ndarray]:
+    """The mixture of ``k`` components on ``x`` (canonical order): medoid start, then the
+    Potts EM; returns the labels, what to record and the responsibilities. ``n_domains``
+    (default ``k``): the domains the components will be joined into; the starts' agreement
+    warns of unsharp domains only when they are the domains themselves."""
     gmm, agree, kept = medoid_start(x, groups, k, model=model, n_starts=n_starts, seed=seed,
                                     fit_spots=min(max_fit, 20_000), keep=keep_starts)
     if len(x) > 20_000:  # the starts saw a sample: refit the chosen one on max_fit spots
@@ -223,9 +225,12 @@ def _gmm(x: np.ndarray, k: int, model: str, seed: int, max_fit: int, groups: np.
     info = {"n_starts": n_starts, "keep_starts": keep_starts, "kept_starts": int(len(kept)),
             "spatial_prior": spatial_prior, "start_agreement": _mean_agreement(agree),
             "kept_agreement": _mean_agreement(agree[np.ix_(kept, kept)])}
-    logger.info("cluster: %d GMM starts agree at mean ARI %.2f (the %d likeliest, which "
-                "choose the start, at %.2f)%s", n_starts, info["start_agreement"], len(kept),
-                info["kept_agreement"], "" if info["start_agreement"] >= 0.8 else
+    merged = n_domains is not None and n_domains < k
+    logger.info("cluster: %d GMM starts of %d components agree at mean ARI %.2f (the %d "
+                "likeliest, which choose the start, at %.2f)%s", n_starts, k,
+                info["start_agreement"], len(kept), info["kept_agreement"],
+                "; the components are joined into domains next" if merged
+                else "" if info["start_agreement"] >= 0.8 else
                 f"; {k} domains are not sharply defined in this embedding, so expect other "
                 "seeds or K to move them")
     resp = gmm.predict_proba(x)

@@ -145,7 +145,8 @@ def _warnings(adata: ad.AnnData, metrics: pd.DataFrame, run: dict,
         out.append("No ground truth given: scib's bio-conservation scores use the domains "
                    "as labels, so they measure self-consistency, not accuracy.")
     agreement = _uns(adata, "cluster", "start_agreement")
-    if agreement is not None and float(agreement) < 0.8:
+    merged = _uns(adata, "cluster", "merge_rep")  # starts of more components than domains
+    if agreement is not None and float(agreement) < 0.8 and not merged:
         out.append(f"The domain caller's GMM starts agree only at mean ARI "
                    f"{float(agreement):.2f}: some domains are not sharply defined in this "
                    "embedding, and other seeds or K may move them.")

@@ -189,3 +189,19 @@ def test_umap_figure_uses_an_exact_neighbour_search(monkeypatch):
     a.obs["domain"] = pd.Categorical(np.repeat(["a", "b", "c"], n // 3))
     fig = plot.umap(a, "X_emb", ("domain", "slice"))
     assert len(fig.axes) == 2
+
+
+def test_start_agreement_warns_only_when_the_starts_are_the_domains():
+    # the starts of a merged fit have more components than domains: their lower agreement
+    # says nothing about the K domains
+    import anndata as ad
+    import numpy as np
+
+    from spamask_integrate.report import _warnings
+
+    a = ad.AnnData(np.zeros((3, 1), np.float32))
+    metrics = pd.DataFrame(columns=["kind", "scope", "metric", "value"])
+    a.uns["spamask"] = {"cluster": {"start_agreement": 0.7, "merge_rep": ""}}
+    assert any("agree only at mean ARI 0.70" in w for w in _warnings(a, metrics, {}))
+    a.uns["spamask"]["cluster"]["merge_rep"] = "X_pca"
+    assert not any("agree only" in w for w in _warnings(a, metrics, {}))
