@@ -50,7 +50,8 @@ def main() -> None:
     for seed in seed_list(args.seeds):
         adata.obsm["X_spamask"] = stored_embedding(args.store, args.tag, seed)
         _, rep = si.caller_input(adata, batch_key, harmony=data.harmony, seed=seed)
-        si.cluster(adata, k, "gmm", use_rep=rep, batch_key=batch_key, seed=seed)
+        si.cluster(adata, k, "gmm", use_rep=rep, batch_key=batch_key, seed=seed,
+                   n_components=None)  # K components, no merge
         agree_k = adata.uns["spamask"]["cluster"]["start_agreement"]
         potts_k = adata.uns["spamask"]["cluster"]["potts_iterations"]
         ari_k = score("domain")

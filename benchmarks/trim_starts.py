@@ -12,7 +12,9 @@ between them.
 
 Prepares a plan's first dataset as the harness does, loads each seed's embedding stored by
 ``model_ensembles.py train`` and builds the caller's input as ``run`` does (``caller_input``).
-``--merge`` runs the caller's opt-in merge instead (2 K components joined into K).
+Without ``--merge`` the caller fits K components (``n_components=None``, the default until
+2026-12-07); ``--merge`` fits 2 K components and joins them into K (the default since; the
+merge reads two views since then, the model input alone before).
 
 Usage: python benchmarks/trim_starts.py benchmarks/plans/osmfish_default.yaml --tag osmfish
            --seeds 0-19 --store /tmp/cstore --keep 1,0.75,0.5 --target 0.65
@@ -38,13 +40,15 @@ def main() -> None:
     ap.add_argument("--target", type=float, required=True,
                     help="count the calls below this mean ARI")
     ap.add_argument("--merge", action="store_true",
-                    help="the caller's opt-in merge: 2 K components joined into K")
+                    help="2 K components joined into K (the default caller since 2026-12-07; "
+                         "without it, K components)")
     args = ap.parse_args()
     keeps = [float(v) for v in args.keep.split(",")]
     data = PlanData(args.plan)
     adata, batch_key = data.adata, data.batch_key
     offsets = [0, args.caller_offset]
-    merge = {"n_components": 2 * data.k} if args.merge else {}
+    # K components (the default caller until 2026-12-07), or 2 K joined into K (the default since)
+    merge = {"n_components": 2 * data.k if args.merge else None}
 
     rows: dict = {str(v): {} for v in keeps}
     for seed in seed_list(args.seeds):

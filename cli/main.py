@@ -235,9 +235,9 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
               help="Potts strength of the domain caller, 0 = none [4].")
 @click.option("--n-components", default=None, metavar="auto|K|M",
               help="Mixture components of the domain caller, joined into K domains where "
-                   "both the expression and the embedding call them alike: 'auto' = 2 K, "
-                   "'K' = K components and no merge, or a number M > K (see "
-                   "benchmarks/README.md) [auto].")
+                   "both the expression and the embedding call them alike (opt-in): 'auto' "
+                   "= 2 K, or a number M > K; 'K' = K components, no merge (see "
+                   "benchmarks/README.md) [K].")
 @click.option("--context-weight", type=click.FloatRange(min=0), default=None,
               help="Weight of the input's spatial context beside the embedding in what the "
                    "domain caller sees, 0 = the embedding alone [0.5].")

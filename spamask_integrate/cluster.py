@@ -72,10 +72,11 @@ def cluster(
         domains, a pair at a time, where both ``obsm[merge_rep]`` (the model input) and
         ``obsm[use_rep]`` call them alike (Ward's criterion under each view's pooled
         within-component covariance; :func:`~spamask_integrate.mixture.merge_components`).
-        ``"auto"`` (default): 2 K components when ``obsm[merge_rep]`` exists, else K.
-        ``None``: K components, no merge (the caller before 2026-12-07). Why: a smoothed
-        embedding's thick layers are cut into slabs by K components
-        (benchmarks/README.md, "More components than domains").
+        ``None`` (default): K components, no merge. ``"auto"`` (opt-in): 2 K components
+        when ``obsm[merge_rep]`` exists, else K. Why: a smoothed embedding's thick layers
+        are cut into slabs by K components; not the default because it lowers osmFISH and
+        noisy synthetic slices (benchmarks/README.md, "Twice as many components as
+        domains").
     refine
         Relabel each spot by majority vote of its spatial neighbours in its own slice
         (``obs[key_added + "_unrefined"]`` keeps the labels before).

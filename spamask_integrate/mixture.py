@@ -22,7 +22,7 @@ Why each piece (measured on the four DLPFC slices, benchmarks/README.md):
   of overruling it afterwards as a majority vote does, so noisy single cells are pulled
   towards their neighbourhood's domain while clear spots keep their own.
 - **More components than domains, joined where two views agree** (:func:`merge_components`;
-  ``cluster(..., n_components="auto")``, the default since 2026-12-07: 2 K components). A
+  opt-in, ``cluster(..., n_components="auto")``: 2 K components). A
   spatially smoothed embedding turns a thick layer into a long, even stretch, and a
   K-component mixture cuts such stretches into slabs of one width: on DLPFC it splits L6 and
   L3 and gives the thin L2 and L4 no domain of their own. Fitted with 2 K components and
@@ -31,7 +31,9 @@ Why each piece (measured on the four DLPFC slices, benchmarks/README.md):
   on the osmFISH section that also joins two regions of one expression in different places
   (0.699 -> 0.639, 19 of 20 down). Joining only what the caller's input (the spatially
   smoothed embedding) also calls alike keeps those apart: over 30 seeds DLPFC 0.622 and
-  osmFISH 0.682, against 0.578 and 0.692 with K components.
+  osmFISH 0.682, against 0.578 and 0.691 with K components. Not the default: it still
+  lowers osmFISH a little, loses on noisy synthetic slices (tests/test_shard.py's planted
+  domains: one slice 0.67 -> 0.46), and lifts smoothed PCA past SpaMask on osmFISH.
 
 Cost is linear in spots: the starts are fitted on a seeded sample of at most ``fit_spots``,
 the medoid is chosen on at most ``consensus_spots``, and the spatial EM is sparse (one pass
@@ -57,12 +59,13 @@ N_STARTS = 120
 #: share of the starts, by log-likelihood, among which the medoid is chosen (since
 #: 2026-12-06, evening; 1.0 before: benchmarks/README.md, "Trimming the starts")
 KEEP_STARTS = 0.75
-#: mixture components before they are joined into the K domains (since 2026-12-07; K
-#: before): "auto" fits 2 K and joins them where both the model input and the caller's
-#: input call them alike (:func:`merge_components`). Over 30 seeds on one machine: DLPFC
-#: 0.622 +- 0.012 against 0.578 +- 0.013 with K, osmFISH 0.682 +- 0.035 against 0.692 +-
-#: 0.040 (benchmarks/README.md, "More components than domains").
-N_COMPONENTS = "auto"
+#: mixture components before they are joined into the K domains; None: K, no merge. "auto"
+#: (opt-in) fits 2 K and joins them where both the model input and the caller's input call
+#: them alike (:func:`merge_components`): over 30 seeds on one machine DLPFC 0.622 +- 0.012
+#: against 0.578 +- 0.013 with K, osmFISH 0.682 +- 0.035 against 0.691 +- 0.040; not the
+#: default, because it lowers osmFISH and noisy synthetic slices, and smoothed PCA gains more
+#: from it (benchmarks/README.md, "Twice as many components as domains").
+N_COMPONENTS = None
 
 
 def start_seeds(seed: int, n: int) -> list[int]:

@@ -81,7 +81,7 @@ def run(
     n_starts, keep_starts, spatial_prior, n_components
         The domain caller's GMM starts, the share of them (the most likely) it picks the
         most typical one from, its Potts strength and the mixture components before they
-        are joined into K domains (``"auto"``: 2 K; ``None``: K, no merge; see
+        are joined into K domains (``None``, the default: K, no merge; ``"auto"``: 2 K; see
         :func:`cluster`).
     context_weight
         The caller clusters the embedding beside the spatial context of the model input,

@@ -113,7 +113,7 @@ def test_variant_sets_the_callers_components_for_every_method(tiny_slices, tmp_p
   variants:
     default: {}
     merged_from_8: {n_components: 8}
-    k_components: {n_components: null}
+    auto_components: {n_components: auto}
 """)
     results = run_plan(plan, tmp_path / "out", progress=False)
     assert (results["status"] == "ok").all(), results[results.status != "ok"].error.tolist()

@@ -90,22 +90,22 @@ def test_merge_recovers_thin_layers_a_smooth_embedding_runs_together(smooth_laye
     a, truth = smooth_layers
     unmerged = []
     for seed in (0, 1):
-        si.cluster(a, 4, use_rep="X_emb", n_components=None, seed=seed)  # K, no merge
+        si.cluster(a, 4, use_rep="X_emb", seed=seed)  # the default: K, no merge
         unmerged.append(adjusted_rand_score(truth, a.obs["domain"]))
         assert a.uns["spamask"]["cluster"]["n_components"] == 4
     # K components tile the gradient in even slabs: a thick layer is cut, thin ones join
     assert max(unmerged) < 0.6
     for seed in (0, 1):
-        si.cluster(a, 4, use_rep="X_emb", seed=seed)  # the default: 2 K, joined
+        si.cluster(a, 4, use_rep="X_emb", n_components="auto", seed=seed)  # 2 K, joined
         assert adjusted_rand_score(truth, a.obs["domain"]) > 0.9
         info = a.uns["spamask"]["cluster"]
         assert info["n_components"] == 8 and info["merge_rep"] == "X_pca"
         assert info["merge_fitted"] == "X_emb"
         assert a.obs["domain"].nunique() == 4
-    # without the model input to join them in, the default fits K components
+    # without the model input to join them in, "auto" fits K components
     b = a.copy()
     del b.obsm["X_pca"]
-    si.cluster(b, 4, use_rep="X_emb", seed=0)
+    si.cluster(b, 4, use_rep="X_emb", n_components="auto", seed=0)
     assert b.uns["spamask"]["cluster"]["n_components"] == 4
     si.cluster(a, 4, use_rep="X_emb", n_components=12, n_starts=20, seed=0)
     assert a.uns["spamask"]["cluster"]["n_components"] == 12
