@@ -121,8 +121,9 @@ def _parse_components(value: str) -> int | str | None:
     """``--n-components``: 'auto', 'K' (K components, no merge: None) or an integer >= 2."""
     from spamask_integrate.errors import ConfigError
 
-    if str(value).lower() in ("auto", "k"):
-        return "auto" if str(value).lower() == "auto" else None
+    word = str(value).lower()
+    if word in ("auto", "k"):
+        return {"auto": "auto", "k": None}[word]
     try:
         m = int(value)
     except ValueError as exc:

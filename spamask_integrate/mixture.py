@@ -310,14 +310,12 @@ def merge_components(resp: np.ndarray, ref, k: int, *, fitted=None,
     nk = resp.sum(axis=0) + 1e-12
     views = [_view_metric(resp, nk, v, rows, reg, chunk)
              for v in ([ref] if fitted is None else [ref, fitted])]
-    weights = nk / n
-    scales = [1.0] * len(views)
-    if len(views) > 1:
-        scales = [max(float(np.median([_ward_cost(weights[a], weights[b], means[a] - means[b], prec)
-                                       for a in range(m) for b in range(a + 1, m)])), 1e-300)
-                  for means, prec in views]
+    weights = list(nk / n)
+    # each view's costs on one scale (with one view a constant factor: the same joins)
+    scales = [float(np.median([_ward_cost(weights[a], weights[b], means[a] - means[b], prec)
+                               for a in range(m) for b in range(a + 1, m)])) or 1.0
+              for means, prec in views]
     groups = [[c] for c in range(m)]
-    weights = list(weights)
     centres = [list(means) for means, _ in views]
     while len(groups) > k:
         best, pair = np.inf, (0, 1)
