@@ -236,9 +236,11 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
               help="Potts strength of the domain caller, 0 = none [4].")
 @click.option("--n-components", default=None, metavar="auto|K|M",
               help="Mixture components of the domain caller, joined into K domains where "
-                   "both the expression and the embedding call them alike (opt-in): 'auto' "
-                   "= 2 K, or a number M > K; 'K' = K components, no merge (see "
-                   "benchmarks/README.md) [K].")
+                   "both the expression and the embedding call them alike: 'auto' = K and "
+                   "2 K, keeping K only if the join is both patchier in space and less "
+                   "distinct in expression; "
+                   "a number M > K: always joined; 'K' = K components, no merge (see "
+                   "benchmarks/README.md) [auto].")
 @click.option("--context-weight", type=click.FloatRange(min=0), default=None,
               help="Weight of the input's spatial context beside the embedding in what the "
                    "domain caller sees, 0 = the embedding alone [0.5].")

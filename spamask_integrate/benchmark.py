@@ -11,7 +11,7 @@ Variants (``settings.variants``) are named overrides of the defaults, for ablati
       refined: {refine: true}
       embedding_alone: {context_weight: 0}
       merged_from_14: {n_components: 14}   # the caller's merge from 14 components, for every method
-      auto_components: {n_components: auto}   # 2 K components joined where both views agree
+      k_components: {n_components: null}   # K components, no merge (default: auto)
 """
 
 from __future__ import annotations
@@ -218,8 +218,8 @@ def _context_weight(plan: dict, variant: str) -> float:
 
 def _n_components(plan: dict, variant: str) -> int | str | None:
     """Mixture components of the domain caller before they are joined into K domains, for
-    every method (``n_components`` in the settings or a variant: a number, ``auto`` (2 K)
-    or ``null``, the default (K, no merge))."""
+    every method (``n_components`` in the settings or a variant: a number, ``auto``, the
+    default (K and 2 K joined, K kept only if the join loses in space and expression), or ``null`` (K, no merge))."""
     from .mixture import N_COMPONENTS
 
     value = _setting(plan, variant, "n_components", N_COMPONENTS)

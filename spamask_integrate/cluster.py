@@ -72,11 +72,18 @@ def cluster(
         domains, a pair at a time, where both ``obsm[merge_rep]`` (the model input) and
         ``obsm[use_rep]`` call them alike (Ward's criterion under each view's pooled
         within-component covariance; :func:`~spamask_integrate.mixture.merge_components`).
-        ``None`` (default): K components, no merge. ``"auto"`` (opt-in): 2 K components
-        when ``obsm[merge_rep]`` exists, else K. Why: a smoothed embedding's thick layers
-        are cut into slabs by K components; not the default because it lowers osmFISH and
-        noisy synthetic slices (benchmarks/README.md, "Twice as many components as
-        domains").
+        ``"auto"`` (default): fit both K components and 2 K joined into K, and keep the K
+        components only if the join loses on both counts: its domains are patchier in space
+        (a smaller share of same-slice neighbour pairs in one domain, :func:`pair_coherence`)
+        and less distinct in expression (a smaller Fisher ratio in ``obsm[merge_rep]``,
+        :func:`fisher_ratio`). K components without ``obsm[merge_rep]`` or a spatial graph.
+        A number M: M components, always joined. ``None``: K components, no merge. Why: a
+        smoothed embedding's thick layers are cut into slabs by K components, which the
+        join repairs (the slabs of one layer share their expression, so the joined domains
+        differ more in it); where the 2 K components do not follow the domains (noisy,
+        weakly separated ones), a component that mixes domains is joined whole into one,
+        and the map gets patchier and the domains less distinct (benchmarks/README.md,
+        "The join kept unless it loses in space and in expression").
     refine
         Relabel each spot by majority vote of its spatial neighbours in its own slice
         (``obs[key_added + "_unrefined"]`` keeps the labels before).
@@ -120,13 +127,16 @@ def cluster(
                       bic=np.asarray(bic))
         logger.info("cluster: K=%d estimated by BIC over %s", n_domains, k_range)
     n_domains = int(n_domains)
+    check = False  # auto: fit K and 2 K, keep K only if the join loses on both counts
     if auto:
         n_components = None
-        if method == "gmm" and merge_rep in adata.obsm:
-            n_components = 2 * n_domains
+        has_space = Keys.CONNECTIVITIES in adata.obsp or Keys.SPATIAL in adata.obsm
+        if method == "gmm" and merge_rep in adata.obsm and has_space:
+            n_components, check = 2 * n_domains, True
         elif method == "gmm":
-            logger.info("cluster: no obsm[%r] to join components in: %d components, no merge",
-                        merge_rep, n_domains)
+            logger.info("cluster: no obsm[%r] to join components in, or no spatial graph to "
+                        "compare partitions on: %d components, no merge",
+                        merge_rep if merge_rep not in adata.obsm else Keys.SPATIAL, n_domains)
     if n_components is not None and int(n_components) < n_domains:  # K given or estimated
         raise ConfigError(f"n_components={n_components}: need at least the {n_domains} domains")
     if n_components is not None:
@@ -134,24 +144,47 @@ def cluster(
     if method == "gmm":
         names = adata.obs[batch_key].astype(str).to_numpy()[order] if batch_key in adata.obs \
             else np.zeros(len(order), dtype=str)
-        share = None
-        if spatial_prior > 0:
-            share = neighbour_share(same_slice_neighbours(adata, batch_key)[order][:, order])
+        adj = None
+        if spatial_prior > 0 or check:
+            adj = same_slice_neighbours(adata, batch_key)[order][:, order]
+        share = neighbour_share(adj) if spatial_prior > 0 else None
         n_fit = min(n_domains if n_components is None else int(n_components), adata.n_obs)
-        labels, info, resp = _gmm(x, n_fit, gmm_model, seed, max_fit, names, int(n_starts),
-                                  float(spatial_prior), share, float(keep_starts), n_domains)
-        params.update(gmm_model=gmm_model, **info)
-        if n_fit > n_domains:
-            mapping = merge_components(resp, adata.obsm[merge_rep], n_domains, fitted=emb,
-                                       rows=order)
-            labels = mapping[labels]
-            params.update(n_components=n_fit, merge_rep=merge_rep, merge_fitted=use_rep,
-                          merged=[np.flatnonzero(mapping == g).tolist()
-                                  for g in range(n_domains)])
-            logger.info("cluster: %d mixture components joined into %d domains where obsm[%r] "
-                        "and obsm[%r] both call them alike", n_fit, n_domains, merge_rep, use_rep)
+        fits = []
+        for m in ([n_domains, n_fit] if check else [n_fit]):
+            labels, info, resp = _gmm(x, m, gmm_model, seed, max_fit, names, int(n_starts),
+                                      float(spatial_prior), share, float(keep_starts),
+                                      n_domains)
+            info.update(n_components=m, merge_rep="")
+            if m > n_domains:
+                mapping = merge_components(resp, adata.obsm[merge_rep], n_domains, fitted=emb,
+                                           rows=order)
+                labels = mapping[labels]
+                info.update(merge_rep=merge_rep, merge_fitted=use_rep,
+                            merged=[np.flatnonzero(mapping == g).tolist()
+                                    for g in range(n_domains)])
+                logger.info("cluster: %d mixture components joined into %d domains where "
+                            "obsm[%r] and obsm[%r] both call them alike", m, n_domains,
+                            merge_rep, use_rep)
+            fits.append((labels, info))
+        if check:  # keep K components only if the join loses in space and in expression
+            (k_labels, k_info), (m_labels, m_info) = fits
+            coherence = [pair_coherence(adj, k_labels), pair_coherence(adj, m_labels)]
+            distinct = [fisher_ratio(adata.obsm[merge_rep], k_labels, n_domains, rows=order),
+                        fisher_ratio(adata.obsm[merge_rep], m_labels, n_domains, rows=order)]
+            keep_merge = coherence[1] > coherence[0] or distinct[1] > distinct[0]
+            labels, info = (m_labels, m_info) if keep_merge else (k_labels, k_info)
+            info.update(merge_checked=True, merge_kept=bool(keep_merge),
+                        coherence_k=coherence[0], coherence_merged=coherence[1],
+                        distinct_k=distinct[0], distinct_merged=distinct[1])
+            logger.info("cluster: with %d components / %d joined, same-slice neighbours share "
+                        "a domain %.4f / %.4f of the time, and the domains' expression "
+                        "differs by %.3f / %.3f (Fisher ratio in obsm[%r]): keeping the %s",
+                        n_domains, n_fit, coherence[0], coherence[1], distinct[0],
+                        distinct[1], merge_rep,
+                        "joined components" if keep_merge else f"{n_domains} components")
         else:
-            params.update(n_components=n_fit, merge_rep="")
+            labels, info = fits[0]
+        params.update(gmm_model=gmm_model, **info)
     elif method == "kmeans":
         labels = _kmeans(x, n_domains, seed, max_fit)
     else:
@@ -296,6 +329,39 @@ def _leiden(x: np.ndarray, k: int, seed: int, n_neighbors: int = 15,
         lo, hi = (res, hi) if found < k else (lo, res)
     raise ConfigError(f"leiden: no resolution in [0.001, 10] gives exactly {k} clusters "
                       f"(closest {best[0].max() + 1} at {best[1]:.4g}); use method='gmm'")
+
+
+def pair_coherence(adj: sp.spmatrix, labels: np.ndarray) -> float:
+    """Share of the neighbour pairs of ``adj`` (same-slice spatial neighbours, in the order of
+    ``labels``) whose two spots are in the same domain: how coherent in space a partition is.
+    (The run's metric ``neighbour_agreement`` averages each spot's own share instead.)"""
+    coo = sp.coo_matrix(adj)
+    if coo.nnz == 0:
+        return 1.0
+    return float(np.mean(labels[coo.row] == labels[coo.col]))
+
+
+def fisher_ratio(view, labels: np.ndarray, k: int, *, rows: np.ndarray | None = None,
+                 chunk: int = 100_000) -> float:
+    """How distinct a partition's domains are in ``view`` (spots x features, e.g. the model
+    input): Fisher's criterion trace(S_w^-1 S_b), the between-domain scatter measured in
+    units of the pooled within-domain covariance (ridge 1e-6 of its mean variance). ``rows``:
+    label ``i`` belongs to row ``rows[i]`` of ``view``, read a chunk at a time."""
+    n = len(labels)
+    d = view.shape[1]
+    sums, gram = np.zeros((k, d)), np.zeros((d, d))
+    for lo in range(0, n, chunk):
+        block = view[lo:lo + chunk] if rows is None else view[rows[lo:lo + chunk]]
+        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+        np.add.at(sums, labels[lo:lo + chunk], block)
+        gram += block.T @ block
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    mean = sums.sum(axis=0) / n
+    means = sums / np.maximum(counts, 1)[:, None]
+    between = (means - mean).T @ ((means - mean) * counts[:, None]) / n
+    within = gram / n - (means.T * counts) @ means / n
+    within += 1e-6 * np.trace(within) / d * np.eye(d)
+    return float(np.trace(np.linalg.solve(within, between)))
 
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The spatial domain caller: a Gaussian mixture with one shared covariance (mclust's EEE),
 started many times, kept at its most typical start, then refitted with a Potts prior over
-each slice's spatial neighbour graph; optionally fitted with more components than domains
-and the components joined into domains in the model input.
+each slice's spatial neighbour graph; also fitted with twice as many components as domains,
+joined into domains where the model input and the caller's input agree, and that partition
+kept unless it is both patchier in space and less distinct in expression.
 
 Why each piece (measured on the four DLPFC slices, benchmarks/README.md):
 
@@ -21,19 +22,25 @@ Why each piece (measured on the four DLPFC slices, benchmarks/README.md):
   of its neighbours in that class) re-estimates the mixture with the spatial context instead
   of overruling it afterwards as a majority vote does, so noisy single cells are pulled
   towards their neighbourhood's domain while clear spots keep their own.
-- **More components than domains, joined where two views agree** (:func:`merge_components`;
-  opt-in, ``cluster(..., n_components="auto")``: 2 K components). A
-  spatially smoothed embedding turns a thick layer into a long, even stretch, and a
-  K-component mixture cuts such stretches into slabs of one width: on DLPFC it splits L6 and
-  L3 and gives the thin L2 and L4 no domain of their own. Fitted with 2 K components and
-  joined to K where the expression (``obsm["X_pca"]``) tells components apart least, the
-  domains follow the layers there (DLPFC 0.579 -> 0.627 mean ARI, 10 seeds of 10 up), but
-  on the osmFISH section that also joins two regions of one expression in different places
-  (0.699 -> 0.639, 19 of 20 down). Joining only what the caller's input (the spatially
-  smoothed embedding) also calls alike keeps those apart: over 30 seeds DLPFC 0.622 and
-  osmFISH 0.682, against 0.578 and 0.691 with K components. Not the default: it still
-  lowers osmFISH a little, loses on noisy synthetic slices (tests/test_shard.py's planted
-  domains: one slice 0.67 -> 0.46), and lifts smoothed PCA past SpaMask on osmFISH.
+- **More components than domains, joined where two views agree** (:func:`merge_components`),
+  **kept unless the join loses in space and in expression** (the default,
+  ``n_components="auto"``). A spatially smoothed embedding turns a thick layer into a long,
+  even stretch, and a K-component mixture cuts such stretches into slabs of one width: on
+  DLPFC it splits L6 and L3 and gives the thin L2 and L4 no domain of their own. Fitted with
+  2 K components and joined to K where the expression (``obsm["X_pca"]``) tells components
+  apart least, the domains follow the layers there (DLPFC 0.579 -> 0.627 mean ARI, 10 seeds
+  of 10 up), but on the osmFISH section that also joins two regions of one expression in
+  different places (0.699 -> 0.639, 19 of 20 down). Joining only what the caller's input
+  (the spatially smoothed embedding) also calls alike keeps those apart: over 30 seeds
+  DLPFC 0.622 and osmFISH 0.682, against 0.578 and 0.691 with K components. Where the 2 K
+  components do not follow the domains (tests/test_shard.py's noisy planted domains: one
+  slice 0.67 -> 0.46) a component that mixes domains is joined whole into one of them, and
+  the joined domains are both patchier in space and less distinct in expression than the K
+  components'. So the caller fits both and keeps the K components only when the join loses
+  on both counts (over the same 30 seeds DLPFC 0.620, the join kept on 28; osmFISH 0.689,
+  kept on 21; K components on the noisy synthetic slices). Either signal alone fails
+  somewhere: slabs of a straight gradient have straight edges, so the space alone keeps
+  them (tests/test_cluster.py's ``smooth_layers``), and the expression alone lowers osmFISH.
 
 Cost is linear in spots: the starts are fitted on a seeded sample of at most ``fit_spots``,
 the medoid is chosen on at most ``consensus_spots``, and the spatial EM is sparse (one pass
@@ -59,13 +66,13 @@ N_STARTS = 120
 #: share of the starts, by log-likelihood, among which the medoid is chosen (since
 #: 2026-12-06, evening; 1.0 before: benchmarks/README.md, "Trimming the starts")
 KEEP_STARTS = 0.75
-#: mixture components before they are joined into the K domains; None: K, no merge. "auto"
-#: (opt-in) fits 2 K and joins them where both the model input and the caller's input call
-#: them alike (:func:`merge_components`): over 30 seeds on one machine DLPFC 0.622 +- 0.012
-#: against 0.578 +- 0.013 with K, osmFISH 0.682 +- 0.035 against 0.691 +- 0.040; not the
-#: default, because it lowers osmFISH and noisy synthetic slices, and smoothed PCA gains more
-#: from it (benchmarks/README.md, "Twice as many components as domains").
-N_COMPONENTS = None
+#: mixture components before they are joined into the K domains. "auto" (the default since
+#: 2026-12-07): fit K and 2 K, join the 2 K where both the model input and the caller's input
+#: call them alike (:func:`merge_components`), and keep the K components only if the joined
+#: domains are both patchier in space and less distinct in the model input
+#: (benchmarks/README.md, "The join kept unless it loses in space and in expression"); an
+#: integer M: M components, always joined; None: K, no merge.
+N_COMPONENTS = "auto"
 
 
 def start_seeds(seed: int, n: int) -> list[int]:

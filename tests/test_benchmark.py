@@ -113,10 +113,11 @@ def test_variant_sets_the_callers_components_for_every_method(tiny_slices, tmp_p
   variants:
     default: {}
     merged_from_8: {n_components: 8}
-    auto_components: {n_components: auto}
+    k_components: {n_components: null}
 """)
     results = run_plan(plan, tmp_path / "out", progress=False)
     assert (results["status"] == "ok").all(), results[results.status != "ok"].error.tolist()
+    # the default (no setting) is "auto"; null asks for K components, no merge
     assert sorted(seen, key=str) == [8, 8, None, None, "auto", "auto"]
 
 

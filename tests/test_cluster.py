@@ -90,17 +90,22 @@ def test_merge_recovers_thin_layers_a_smooth_embedding_runs_together(smooth_laye
     a, truth = smooth_layers
     unmerged = []
     for seed in (0, 1):
-        si.cluster(a, 4, use_rep="X_emb", seed=seed)  # the default: K, no merge
+        si.cluster(a, 4, use_rep="X_emb", n_components=None, seed=seed)  # K, no merge
         unmerged.append(adjusted_rand_score(truth, a.obs["domain"]))
         assert a.uns["spamask"]["cluster"]["n_components"] == 4
     # K components tile the gradient in even slabs: a thick layer is cut, thin ones join
     assert max(unmerged) < 0.6
     for seed in (0, 1):
-        si.cluster(a, 4, use_rep="X_emb", n_components="auto", seed=seed)  # 2 K, joined
+        si.cluster(a, 4, use_rep="X_emb", seed=seed)  # the default, "auto": 2 K, joined
         assert adjusted_rand_score(truth, a.obs["domain"]) > 0.9
         info = a.uns["spamask"]["cluster"]
         assert info["n_components"] == 8 and info["merge_rep"] == "X_pca"
         assert info["merge_fitted"] == "X_emb"
+        # kept: the joined domains differ more in expression. (Not in space: the slabs of
+        # this straight gradient have straight edges, so the check needs both signals.)
+        assert info["merge_checked"] and info["merge_kept"]
+        assert info["distinct_merged"] > info["distinct_k"]
+        assert info["coherence_merged"] < info["coherence_k"]
         assert a.obs["domain"].nunique() == 4
     # without the model input to join them in, "auto" fits K components
     b = a.copy()
@@ -110,6 +115,64 @@ def test_merge_recovers_thin_layers_a_smooth_embedding_runs_together(smooth_laye
     si.cluster(a, 4, use_rep="X_emb", n_components=12, n_starts=20, seed=0)
     assert a.uns["spamask"]["cluster"]["n_components"] == 12
     assert a.obs["domain"].nunique() == 4
+
+
+def test_auto_keeps_k_components_where_the_join_loses_in_space_and_expression(smooth_layers,
+                                                                            monkeypatch):
+    import importlib
+
+    a, truth = smooth_layers
+    si.cluster(a, 4, use_rep="X_emb", n_components=None, seed=0, key_added="k_fit")
+    module = importlib.import_module("spamask_integrate.cluster")
+
+    def scrambled(resp, ref, k, **kwargs):  # a join that ignores the data: 0+4, 1+5, ...
+        return np.arange(resp.shape[1]) % k
+
+    monkeypatch.setattr(module, "merge_components", scrambled)
+    si.cluster(a, 4, use_rep="X_emb", seed=0)
+    info = a.uns["spamask"]["cluster"]
+    assert info["merge_checked"] and not info["merge_kept"]
+    assert info["coherence_merged"] < info["coherence_k"]
+    assert info["distinct_merged"] < info["distinct_k"]
+    assert info["n_components"] == 4 and info["merge_rep"] == ""
+    assert (a.obs["domain"] == a.obs["k_fit"]).all()  # the K-component fit, unchanged
+    # with no spatial graph or coordinates to judge by, "auto" fits K components
+    b = a.copy()
+    del b.obsm["spatial"], b.obsp["spamask_connectivities"]
+    si.cluster(b, 4, use_rep="X_emb", spatial_prior=0, seed=0)
+    assert b.uns["spamask"]["cluster"]["n_components"] == 4
+    assert "merge_checked" not in b.uns["spamask"]["cluster"]
+
+
+def test_pair_coherence_counts_neighbour_pairs_in_one_domain():
+    import scipy.sparse as sp
+
+    from spamask_integrate.cluster import pair_coherence
+
+    # a path 0-1-2-3, both directions: pairs (0,1), (1,2), (2,3)
+    rows, cols = [0, 1, 1, 2, 2, 3], [1, 0, 2, 1, 3, 2]
+    adj = sp.csr_matrix((np.ones(6), (rows, cols)), shape=(4, 4))
+    assert pair_coherence(adj, np.array([0, 0, 1, 1])) == pytest.approx(2 / 3)
+    assert pair_coherence(adj, np.array([0, 1, 0, 1])) == 0.0
+    assert pair_coherence(sp.csr_matrix((4, 4)), np.zeros(4, int)) == 1.0
+
+
+def test_fisher_ratio_reads_how_distinct_the_domains_are():
+    from spamask_integrate.cluster import fisher_ratio
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 200)
+    x = rng.normal(0, 1, (600, 4))
+    apart = x + np.eye(4)[labels] * 4
+    # each domain shifted 4 sds along its own feature: S_w ~ I, trace S_b = 3 x 16 x 2/9 ~ 10.7
+    assert fisher_ratio(apart, labels, 3) > 8
+    assert fisher_ratio(x, labels, 3) < 0.1  # the same noise without the shifts
+    shuffled = rng.permutation(labels)
+    assert fisher_ratio(apart, shuffled, 3) < 0.1
+    # rows: label i belongs to row rows[i]; chunks give the same value
+    rows = rng.permutation(600)
+    assert fisher_ratio(apart, labels[rows], 3, rows=rows, chunk=77) == pytest.approx(
+        fisher_ratio(apart, labels, 3), rel=1e-9)
 
 
 def test_merge_components_joins_what_the_reference_does_not_tell_apart():
