@@ -219,7 +219,8 @@ def _context_weight(plan: dict, variant: str) -> float:
 def _n_components(plan: dict, variant: str) -> int | str | None:
     """Mixture components of the domain caller before they are joined into K domains, for
     every method (``n_components`` in the settings or a variant: a number, ``auto``, the
-    default (K and 2 K joined, K kept only if the join loses in space and expression), or ``null`` (K, no merge))."""
+    default (K and 2 K joined, K kept only if the join loses in space and expression), or
+    ``null`` (K, no merge))."""
     from .mixture import N_COMPONENTS
 
     value = _setting(plan, variant, "n_components", N_COMPONENTS)

@@ -12,8 +12,8 @@ import scipy.sparse as sp
 
 from .config import Keys
 from .errors import ConfigError, InputError
-from .mixture import (KEEP_STARTS, MCLUST_MODELS, N_COMPONENTS, N_STARTS, fit_gmm,
-                      medoid_start, merge_components, neighbour_share, potts_em)
+from .mixture import (KEEP_STARTS, MCLUST_MODELS, N_COMPONENTS, N_STARTS, fisher_ratio,
+                      fit_gmm, medoid_start, merge_components, neighbour_share, potts_em)
 from .utils import batch_codes, record, require_obsm
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def cluster(
         components only if the join loses on both counts: its domains are patchier in space
         (a smaller share of same-slice neighbour pairs in one domain, :func:`pair_coherence`)
         and less distinct in expression (a smaller Fisher ratio in ``obsm[merge_rep]``,
-        :func:`fisher_ratio`). K components without ``obsm[merge_rep]`` or a spatial graph.
+        :func:`~spamask_integrate.mixture.fisher_ratio`). K components without ``obsm[merge_rep]`` or a spatial graph.
         A number M: M components, always joined. ``None``: K components, no merge. Why: a
         smoothed embedding's thick layers are cut into slabs by K components, which the
         join repairs (the slabs of one layer share their expression, so the joined domains
@@ -339,29 +339,6 @@ def pair_coherence(adj: sp.spmatrix, labels: np.ndarray) -> float:
     if coo.nnz == 0:
         return 1.0
     return float(np.mean(labels[coo.row] == labels[coo.col]))
-
-
-def fisher_ratio(view, labels: np.ndarray, k: int, *, rows: np.ndarray | None = None,
-                 chunk: int = 100_000) -> float:
-    """How distinct a partition's domains are in ``view`` (spots x features, e.g. the model
-    input): Fisher's criterion trace(S_w^-1 S_b), the between-domain scatter measured in
-    units of the pooled within-domain covariance (ridge 1e-6 of its mean variance). ``rows``:
-    label ``i`` belongs to row ``rows[i]`` of ``view``, read a chunk at a time."""
-    n = len(labels)
-    d = view.shape[1]
-    sums, gram = np.zeros((k, d)), np.zeros((d, d))
-    for lo in range(0, n, chunk):
-        block = view[lo:lo + chunk] if rows is None else view[rows[lo:lo + chunk]]
-        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
-        np.add.at(sums, labels[lo:lo + chunk], block)
-        gram += block.T @ block
-    counts = np.bincount(labels, minlength=k).astype(np.float64)
-    mean = sums.sum(axis=0) / n
-    means = sums / np.maximum(counts, 1)[:, None]
-    between = (means - mean).T @ ((means - mean) * counts[:, None]) / n
-    within = gram / n - (means.T * counts) @ means / n
-    within += 1e-6 * np.trace(within) / d * np.eye(d)
-    return float(np.trace(np.linalg.solve(within, between)))
 
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:

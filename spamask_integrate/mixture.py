@@ -346,6 +346,23 @@ def merge_components(resp: np.ndarray, ref, k: int, *, fitted=None,
     return mapping
 
 
+def fisher_ratio(view, labels: np.ndarray, k: int, *, rows: np.ndarray | None = None,
+                 chunk: int = 100_000) -> float:
+    """How distinct a partition's ``k`` domains are in ``view`` (spots x features, e.g. the
+    model input): Fisher's criterion trace(S_w^-1 S_b), the between-domain scatter in units
+    of the pooled within-domain covariance (ridge 1e-6 of its mean variance), from the same
+    moments as :func:`merge_components` reads. ``rows``: label ``i`` belongs to row
+    ``rows[i]`` of ``view``, read ``chunk`` rows at a time."""
+    n = len(labels)
+    onehot = np.zeros((n, k))
+    onehot[np.arange(n), labels] = 1.0
+    nk = onehot.sum(axis=0) + 1e-12
+    means, prec = _view_metric(onehot, nk, view, rows, 1e-6, chunk)
+    weights = nk / n
+    centred = means - weights @ means
+    return float(np.einsum("ki,ij,kj,k->", centred, prec, centred, weights))
+
+
 def _ward_cost(w_a: float, w_b: float, diff: np.ndarray, prec: np.ndarray) -> float:
     """What joining two groups of weights ``w_a``, ``w_b`` and mean difference ``diff`` adds to
     the within-group scatter under the metric ``prec`` (Ward's criterion)."""

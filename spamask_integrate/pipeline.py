@@ -81,8 +81,9 @@ def run(
     n_starts, keep_starts, spatial_prior, n_components
         The domain caller's GMM starts, the share of them (the most likely) it picks the
         most typical one from, its Potts strength and the mixture components before they
-        are joined into K domains (``None``, the default: K, no merge; ``"auto"``: 2 K; see
-        :func:`cluster`).
+        are joined into K domains (``"auto"``, the default: K and 2 K joined, K kept only
+        if the join loses in space and in expression; ``None``: K, no merge; a number M:
+        always joined; see :func:`cluster`).
     context_weight
         The caller clusters the embedding beside the spatial context of the model input,
         weighted so (see :func:`context_embedding`); 0 clusters the embedding alone.
