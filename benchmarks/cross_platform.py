@@ -1,0 +1,154 @@
+"""One tissue on two platforms: do the domains keep their names across platforms? Run by hand.
+
+The domain-calling issue reports a held-out pair of one tissue measured on two imaging
+platforms where, in one joint run, a layer got a different domain on each platform. The
+shared data hold no such pair, so this script makes a stand-in from the labelled osmFISH
+section (mouse somatosensory cortex, 11 regions): its cells are split at random into two
+halves of the same tissue (seeded), and the second half is re-measured as by another
+platform:
+
+- each gene has its own capture efficiency (log-normal, sd ``--efficiency-sd``, default 0.5);
+- the response is not linear: the expected count is ``efficiency * count ** --response``
+  (default 0.8, a saturating detector), scaled so the half has ``--depth`` (default 0.5)
+  of the first half's molecules per cell, and drawn again from a Poisson law;
+- the coordinates are in other units and turned: rotated 90 degrees and scaled by 0.3.
+
+Both halves keep the region labels. ``make`` writes the two .h5ad files and a benchmark plan
+(every method the harness has, Harmony over the two platforms, the default caller, K = 11);
+``spamask-integrate benchmark`` runs it; ``summary`` prints, for each method, the mean
+per-platform ARI, the **pooled ARI** over both (lower than the per-platform ones when a
+region is called differently on each platform) and, per region, how often its most common
+domain is the same on both platforms.
+
+``make --as-is`` leaves the second half as measured: the control, one platform split in two.
+
+Usage: python benchmarks/cross_platform.py make DIR [--split-seed 0] [--as-is]
+       spamask-integrate benchmark DIR/plan.yaml -o benchmarks/results/cross_platform
+       python benchmarks/cross_platform.py summary benchmarks/results/cross_platform
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from _common import SHARED
+
+OSMFISH = SHARED / "osmfish_sscortex" / "osmFISH_all_cells.h5ad"
+PLAN = """# One tissue, two platforms (a stand-in made by benchmarks/cross_platform.py make: osmFISH's
+# cells split at random into two halves, {how}).
+# Harmony over the platforms; the default caller; K = 11.
+datasets:
+  - name: osmfish_two_platforms
+    sources: [{a}, {b}]
+    label_key: Region
+    drop_labels: [Excluded]
+    n_domains: 11
+settings:
+  methods: [spamask, pca, smoothed_pca, banksy_0.2, banksy_0.8]
+  harmony: [true]
+  cluster: [gmm]
+  seeds: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+"""
+
+
+def second_platform(half: ad.AnnData, depth_ref: float, *, efficiency_sd: float,
+                    response: float, depth: float, rng: np.random.Generator) -> ad.AnnData:
+    """``half`` measured again as by another platform (see the module's docstring)."""
+    counts = half.X.toarray() if sp.issparse(half.X) else np.asarray(half.X)
+    efficiency = np.exp(rng.normal(0.0, efficiency_sd, counts.shape[1]))
+    expected = efficiency * counts.astype(np.float64) ** response
+    expected *= depth * depth_ref / expected.sum(axis=1).mean()
+    out = half.copy()
+    out.X = sp.csr_matrix(rng.poisson(expected).astype(np.int32))
+    xy = np.asarray(half.obsm["spatial"], dtype=np.float64)
+    out.obsm["spatial"] = 0.3 * np.column_stack([-xy[:, 1], xy[:, 0]])
+    out.uns["source"] = (f"{OSMFISH.name}: the second half re-measured by "
+                         f"benchmarks/cross_platform.py (efficiency sd {efficiency_sd}, "
+                         f"response {response}, depth {depth})")
+    return out
+
+
+def make(folder: Path, split_seed: int, efficiency_sd: float, response: float,
+         depth: float, as_is: bool = False) -> None:
+    full = ad.read_h5ad(OSMFISH)
+    rng = np.random.default_rng(split_seed)
+    second = rng.random(full.n_obs) < 0.5
+    a = full[~second].copy()
+    a.uns["source"] = f"{OSMFISH.name}: the first half of the cells (split seed {split_seed})"
+    depth_ref = float(np.asarray(a.X.sum(axis=1)).mean())
+    if as_is:  # the control: two halves of one platform
+        b = full[second].copy()
+        b.uns["source"] = f"{OSMFISH.name}: the second half of the cells, as measured"
+    else:
+        b = second_platform(full[second].copy(), depth_ref, efficiency_sd=efficiency_sd,
+                            response=response, depth=depth, rng=rng)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "platform_a.h5ad", folder / "platform_b.h5ad"]
+    for half, path in zip([a, b], paths):
+        half.write_h5ad(path)
+    how = ("the control: both as measured" if as_is else
+           f"the second re-measured with per-gene efficiency sd {efficiency_sd}, response "
+           f"exponent {response}, depth {depth},\n# coordinates turned and rescaled")
+    (folder / "plan.yaml").write_text(PLAN.format(a=paths[0].resolve(), b=paths[1].resolve(),
+                                                  how=how))
+    print(f"wrote {paths[0]} ({a.n_obs} cells), {paths[1]} ({b.n_obs} cells, "
+          f"{np.asarray(b.X.sum(axis=1)).mean():.0f} molecules a cell against "
+          f"{depth_ref:.0f}) and {folder / 'plan.yaml'}")
+
+
+def summary(results: Path) -> None:
+    """Per method, mean ± sd over seeds: the ARI on each platform, their mean, the pooled ARI
+    and the gap between the two; and SpaMask's lead over each method, paired by seed."""
+    table = pd.read_csv(results / "results.csv")
+    ari = table[(table.metric == "ARI") & (table.kind == "domain") & (table.status == "ok")]
+    wide = ari.pivot_table(index=["method", "seed"], columns="scope", values="value")
+    slices = [c for c in wide.columns if c != "all"]
+    wide["mean"] = wide[slices].mean(axis=1)
+    wide["gap"] = wide["mean"] - wide["all"]
+    cols = slices + ["mean", "all", "gap"]
+    rows = []
+    for method, one in wide.groupby(level="method"):
+        row = {c: f"{one[c].mean():.3f} ± {one[c].std():.3f}" for c in cols}
+        row["seeds"] = len(one)
+        if "spamask" in wide.index.get_level_values("method") and method != "spamask":
+            lead = (wide.loc["spamask", "mean"] - one.droplevel("method")["mean"]).dropna()
+            row["SpaMask ahead by"] = (f"{lead.mean():+.3f} ± {lead.std():.3f}, on "
+                                       f"{int((lead > 0).sum())} of {len(lead)}")
+        rows.append(pd.Series(row, name=method))
+    out = pd.DataFrame(rows).rename(columns={"all": "pooled", "mean": "mean of platforms"})
+    out = out.fillna("")
+    print("| method | " + " | ".join(out.columns) + " |")
+    print("| --- |" + " ---: |" * len(out.columns))
+    for method, row in out.iterrows():
+        print(f"| {method} | " + " | ".join(str(v) for v in row) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("folder", type=Path)
+    m.add_argument("--split-seed", type=int, default=0)
+    m.add_argument("--efficiency-sd", type=float, default=0.5)
+    m.add_argument("--response", type=float, default=0.8)
+    m.add_argument("--depth", type=float, default=0.5)
+    m.add_argument("--as-is", action="store_true",
+                   help="the control: leave the second half as measured (one platform)")
+    s = sub.add_parser("summary")
+    s.add_argument("results", type=Path)
+    args = parser.parse_args()
+    if args.what == "make":
+        make(args.folder, args.split_seed, args.efficiency_sd, args.response, args.depth,
+             args.as_is)
+    else:
+        summary(args.results)
+
+
+if __name__ == "__main__":
+    main()
