@@ -22,9 +22,17 @@ domain is the same on both platforms.
 
 ``make --as-is`` leaves the second half as measured: the control, one platform split in two.
 
+``screen`` asks where SpaMask loses on such a section: on the embeddings that
+``model_ensembles.py train`` stored for a plan (``--tag``, ``--store``), it runs the caller on
+the embedding alone and beside the input's context (weights 0, 0.5, 1), each with K
+components and with the default checked join, and the same two callers on smoothed PCA.
+
 Usage: python benchmarks/cross_platform.py make DIR [--split-seed 0] [--as-is]
        spamask-integrate benchmark DIR/plan.yaml -o benchmarks/results/cross_platform
        python benchmarks/cross_platform.py summary benchmarks/results/cross_platform
+       python benchmarks/model_ensembles.py train DIR/plan.yaml --tag half --seeds 0-9 --store S
+       python benchmarks/cross_platform.py screen DIR/plan.yaml --tag half --seeds 0-9 --store S
+Result of screen: benchmarks/results/cross_platform_screen_<tag>.json
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from _common import SHARED
+from _common import SHARED, PlanData, seed_list, stored_embedding, write_result
 
 OSMFISH = SHARED / "osmfish_sscortex" / "osmFISH_all_cells.h5ad"
 PLAN = """# One tissue, two platforms (a stand-in made by benchmarks/cross_platform.py make: osmFISH's
@@ -129,6 +137,39 @@ def summary(results: Path) -> None:
         print(f"| {method} | " + " | ".join(str(v) for v in row) + " |")
 
 
+def screen(plan: str, tag: str, seeds: list[int], store: Path) -> None:
+    import spamask_integrate as si
+    from spamask_integrate.baselines import smoothed_pca
+
+    data = PlanData(plan)
+    adata, batch_key, k = data.adata, data.batch_key, data.k
+    smoothed_pca(adata, batch_key)
+    scores: dict = {}
+    for seed in seeds:
+        adata.obsm["X_spamask"] = stored_embedding(store, tag, seed)
+        inputs = {}
+        for weight in (0.0, 0.5, 1.0):
+            _, inputs[f"spamask_weight_{weight:g}"] = si.caller_input(
+                adata, batch_key, weight=weight, harmony=data.harmony, seed=seed)
+            adata.obsm[f"input_{weight:g}"] = adata.obsm[inputs[f"spamask_weight_{weight:g}"]]
+            inputs[f"spamask_weight_{weight:g}"] = f"input_{weight:g}"
+        inputs["smoothed_pca"] = "X_pca_smoothed"
+        for name, rep in inputs.items():
+            for rule, n_components in (("K", None), ("checked_join", "auto")):
+                si.cluster(adata, k, "gmm", use_rep=rep, batch_key=batch_key, seed=seed,
+                           n_components=n_components, key_added="screened")
+                scores.setdefault(f"{name} / {rule}", {})[str(seed)] = data.score("screened")
+        print(f"seed {seed}: " + ", ".join(f"{key} {v[str(seed)]:.3f}"
+                                         for key, v in scores.items()), flush=True)
+    summary = {key: {"mean": float(np.mean(list(v.values()))),
+                     "sd": float(np.std(list(v.values()), ddof=1)),
+                     "min": float(np.min(list(v.values())))} for key, v in scores.items()}
+    for key, v in summary.items():
+        print(f"{key}: {v['mean']:.3f} ± {v['sd']:.3f}, worst {v['min']:.3f}")
+    write_result(f"cross_platform_screen_{tag}", {"plan": plan, "seeds": seeds,
+                                                  "scores": scores, "summary": summary})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -142,12 +183,19 @@ def main() -> None:
                    help="the control: leave the second half as measured (one platform)")
     s = sub.add_parser("summary")
     s.add_argument("results", type=Path)
+    c = sub.add_parser("screen")
+    c.add_argument("plan")
+    c.add_argument("--tag", required=True)
+    c.add_argument("--seeds", default="0-9")
+    c.add_argument("--store", type=Path, required=True)
     args = parser.parse_args()
     if args.what == "make":
         make(args.folder, args.split_seed, args.efficiency_sd, args.response, args.depth,
              args.as_is)
-    else:
+    elif args.what == "summary":
         summary(args.results)
+    else:
+        screen(args.plan, args.tag, seed_list(args.seeds), args.store)
 
 
 if __name__ == "__main__":
