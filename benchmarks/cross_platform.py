@@ -15,10 +15,10 @@ platform:
 
 Both halves keep the region labels. ``make`` writes the two .h5ad files and a benchmark plan
 (every method the harness has, Harmony over the two platforms, the default caller, K = 11);
-``spamask-integrate benchmark`` runs it; ``summary`` prints, for each method, the mean
-per-platform ARI, the **pooled ARI** over both (lower than the per-platform ones when a
-region is called differently on each platform) and, per region, how often its most common
-domain is the same on both platforms.
+``spamask-integrate benchmark`` runs it;
+``summary`` prints, for each method, the per-platform ARIs, their mean, the **pooled ARI**
+over both (lower than the mean when a region is called differently on each platform), the
+gap between the two, and SpaMask's lead over the method, paired by seed.
 
 ``make --as-is`` leaves the second half as measured: the control, one platform split in two.
 
@@ -46,6 +46,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from _common import SHARED, PlanData, seed_list, stored_embedding, write_result
+from spamask_integrate.io import atomic_write
 
 OSMFISH = SHARED / "osmfish_sscortex" / "osmFISH_all_cells.h5ad"
 PLAN = """# One tissue, two platforms (a stand-in made by benchmarks/cross_platform.py make: osmFISH's
@@ -99,12 +100,13 @@ def make(folder: Path, split_seed: int, efficiency_sd: float, response: float,
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "platform_a.h5ad", folder / "platform_b.h5ad"]
     for half, path in zip([a, b], paths):
-        half.write_h5ad(path)
+        with atomic_write(path) as tmp:  # never a half-written file
+            half.write_h5ad(tmp)
     how = ("the control: both as measured" if as_is else
            f"the second re-measured with per-gene efficiency sd {efficiency_sd}, response "
            f"exponent {response}, depth {depth},\n# coordinates turned and rescaled")
-    (folder / "plan.yaml").write_text(PLAN.format(a=paths[0].resolve(), b=paths[1].resolve(),
-                                                  how=how))
+    with atomic_write(folder / "plan.yaml") as tmp:
+        tmp.write_text(PLAN.format(a=paths[0].resolve(), b=paths[1].resolve(), how=how))
     print(f"wrote {paths[0]} ({a.n_obs} cells), {paths[1]} ({b.n_obs} cells, "
           f"{np.asarray(b.X.sum(axis=1)).mean():.0f} molecules a cell against "
           f"{depth_ref:.0f}) and {folder / 'plan.yaml'}")
