@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from .config import Keys
 from .errors import ConfigError, InputError
-from .mixture import (KEEP_STARTS, MCLUST_MODELS, N_COMPONENTS, N_STARTS, fisher_ratio,
+from .mixture import (KEEP_STARTS, MCLUST_MODELS, N_COMPONENTS, N_STARTS, fisher_ratios,
                       fit_gmm, medoid_start, merge_components, neighbour_share, potts_em)
 from .utils import batch_codes, record, require_obsm
 
@@ -76,8 +76,8 @@ def cluster(
         components only if the join loses on both counts: its domains are patchier in space
         (a smaller share of same-slice neighbour pairs in one domain, :func:`pair_coherence`)
         and less distinct in expression (a smaller Fisher ratio in ``obsm[merge_rep]``,
-        :func:`~spamask_integrate.mixture.fisher_ratio`). K components without ``obsm[merge_rep]`` or a spatial graph.
-        A number M: M components, always joined. ``None``: K components, no merge. Why: a
+        :func:`~spamask_integrate.mixture.fisher_ratio`). K components without
+        ``obsm[merge_rep]`` or a spatial graph. A number M: M components, always joined. ``None``: K components, no merge. Why: a
         smoothed embedding's thick layers are cut into slabs by K components, which the
         join repairs (the slabs of one layer share their expression, so the joined domains
         differ more in it); where the 2 K components do not follow the domains (noisy,
@@ -169,8 +169,8 @@ def cluster(
         if check:  # keep K components only if the join loses in space and in expression
             (k_labels, k_info), (m_labels, m_info) = fits
             coherence = [pair_coherence(adj, k_labels), pair_coherence(adj, m_labels)]
-            distinct = [fisher_ratio(adata.obsm[merge_rep], k_labels, n_domains, rows=order),
-                        fisher_ratio(adata.obsm[merge_rep], m_labels, n_domains, rows=order)]
+            distinct = fisher_ratios(adata.obsm[merge_rep], [k_labels, m_labels], n_domains,
+                                     rows=order)
             keep_merge = coherence[1] > coherence[0] or distinct[1] > distinct[0]
             labels, info = (m_labels, m_info) if keep_merge else (k_labels, k_info)
             info.update(merge_checked=True, merge_kept=bool(keep_merge),

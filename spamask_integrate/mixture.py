@@ -353,14 +353,27 @@ def fisher_ratio(view, labels: np.ndarray, k: int, *, rows: np.ndarray | None = 
     of the pooled within-domain covariance (ridge 1e-6 of its mean variance), from the same
     moments as :func:`merge_components` reads. ``rows``: label ``i`` belongs to row
     ``rows[i]`` of ``view``, read ``chunk`` rows at a time."""
-    n = len(labels)
-    onehot = np.zeros((n, k))
-    onehot[np.arange(n), labels] = 1.0
-    nk = onehot.sum(axis=0) + 1e-12
-    means, prec = _view_metric(onehot, nk, view, rows, 1e-6, chunk)
-    weights = nk / n
-    centred = means - weights @ means
-    return float(np.einsum("ki,ij,kj,k->", centred, prec, centred, weights))
+    return fisher_ratios(view, [labels], k, rows=rows, chunk=chunk)[0]
+
+
+def fisher_ratios(view, partitions: list[np.ndarray], k: int, *,
+                  rows: np.ndarray | None = None, chunk: int = 100_000) -> list[float]:
+    """:func:`fisher_ratio` of each of several partitions, from one pass over ``view`` (the
+    Gram matrix is the same for all)."""
+    n = len(partitions[0])
+    onehot = np.zeros((n, k * len(partitions)))
+    for i, labels in enumerate(partitions):
+        onehot[np.arange(n), i * k + labels] = 1.0
+    sums, gram = _view_sums(onehot, view, rows, chunk)
+    out = []
+    for i in range(len(partitions)):
+        part = slice(i * k, (i + 1) * k)
+        nk = onehot[:, part].sum(axis=0) + 1e-12
+        means, cov = pooled_moments(sums[part], gram, nk, n, 1e-6)
+        centred = means - (nk / n) @ means
+        out.append(float(np.einsum("ki,ij,kj,k->", centred, np.linalg.inv(cov), centred,
+                                   nk / n)))
+    return out
 
 
 def _ward_cost(w_a: float, w_b: float, diff: np.ndarray, prec: np.ndarray) -> float:
@@ -372,8 +385,16 @@ def _ward_cost(w_a: float, w_b: float, diff: np.ndarray, prec: np.ndarray) -> fl
 def _view_metric(resp: np.ndarray, nk: np.ndarray, view, rows: np.ndarray | None, reg: float,
                  chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """The components' means in ``view`` and the inverse of its pooled within-component
-    covariance, read ``chunk`` rows at a time in float64 (``view`` may be float32, sparse
-    and large)."""
+    covariance."""
+    sums, gram = _view_sums(resp, view, rows, chunk)
+    means, cov = pooled_moments(sums, gram, nk, len(resp), reg)
+    return means, np.linalg.inv(cov)
+
+
+def _view_sums(resp: np.ndarray, view, rows: np.ndarray | None,
+               chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """``resp``-weighted row sums of ``view`` (components x features) and its Gram matrix,
+    read ``chunk`` rows at a time in float64 (``view`` may be float32, sparse and large)."""
     n = len(resp)
     d = view.shape[1]
     sums = np.zeros((resp.shape[1], d))
@@ -383,5 +404,4 @@ def _view_metric(resp: np.ndarray, nk: np.ndarray, view, rows: np.ndarray | None
         block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
         sums += resp[lo:lo + chunk].T @ block
         gram += block.T @ block
-    means, cov = pooled_moments(sums, gram, nk, n, reg)
-    return means, np.linalg.inv(cov)
+    return sums, gram

@@ -158,7 +158,7 @@ def test_pair_coherence_counts_neighbour_pairs_in_one_domain():
 
 
 def test_fisher_ratio_reads_how_distinct_the_domains_are():
-    from spamask_integrate.cluster import fisher_ratio
+    from spamask_integrate.mixture import fisher_ratio
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 200)
