@@ -77,7 +77,7 @@ while True:
 
 def test_same_seed_same_domains_while_the_cpu_is_busy():
     """Two runs with one seed agree bit for bit (embedding) and spot for spot (domains, also
-    with the opt-in merge) with 2 threads while another process keeps a core busy: no kernel
+    with 2 K components always joined) with 2 threads while another process keeps a core busy: no kernel
     may sum in an order that depends on thread timing."""
     import os
     import subprocess
