@@ -178,11 +178,20 @@ def medoid_start(x: np.ndarray, groups: np.ndarray, k: int, *, model: str = "EEE
         raise ValueError(f"keep={keep}: must be in (0, 1]")
     fit_idx = stratified_sample(groups, fit_spots, seed)
     fits = fit_starts(x[fit_idx], k, model, start_seeds(seed, n_starts))
+    best, agree, kept = typical_start(fits, x, groups, k, seed=seed,
+                                      consensus_spots=consensus_spots, keep=keep)
+    return fits[best], agree, kept
+
+
+def typical_start(fits: list, x: np.ndarray, groups: np.ndarray, k: int, *, seed: int = 0,
+                  consensus_spots: int = 3000, keep: float = KEEP_STARTS):
+    """The choice of :func:`medoid_start` among fitted ``fits``: the index of the one whose
+    partition of a stratified sample of ``x`` agrees most with the other kept starts', the
+    ARIs among all starts, and the kept starts' indices."""
     probe = x[stratified_sample(groups, consensus_spots, seed + 1)]
     agree = pairwise_ari(np.stack([g.predict(probe) for g in fits]), k)
     kept = kept_starts([g.lower_bound_ for g in fits], keep)
-    best = int(kept[np.argmax(agree[np.ix_(kept, kept)].sum(axis=1))])
-    return fits[best], agree, kept
+    return int(kept[np.argmax(agree[np.ix_(kept, kept)].sum(axis=1))]), agree, kept
 
 
 def pairwise_ari(labels: np.ndarray, k: int) -> np.ndarray:

@@ -316,6 +316,8 @@ def test_medoid_is_chosen_among_the_most_likely_starts(monkeypatch):
     trimmed, agree, kept = M.medoid_start(x, groups, 2, n_starts=10, keep=0.5)
     assert trimmed.labels is good and agree.shape == (10, 10)
     assert list(kept) == [0, 6, 7, 8, 9]  # the four good starts and the best poor one
+    best, _, kept_again = M.typical_start(starts, x, groups, 2, keep=0.5)  # the same choice
+    assert starts[best] is trimmed and list(kept_again) == list(kept)
     assert list(M.kept_starts([1.0, 2.0, 2.0, 0.5], 0.5)) == [1, 2]
     assert list(M.kept_starts([1.0, 1.0, 1.0], 0.34)) == [0, 1]
     assert list(M.kept_starts([5.0], 0.1)) == [0]
