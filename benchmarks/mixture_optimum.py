@@ -90,29 +90,20 @@ def diagnose(x: np.ndarray, codes: np.ndarray, groups: np.ndarray, blocks: np.nd
 
 
 def main() -> None:
-    import spamask_integrate as si
-    from spamask_integrate.baselines import smoothed_pca
     from spamask_integrate.cluster import reduce
 
     args = stored_embedding_parser(__doc__).parse_args()
     data = PlanData(args.plan)
-    adata, batch_key, order = data.adata, data.batch_key, data.order
+    adata, order = data.adata, data.order
     labels = adata.obs[data.label_key].astype(str).to_numpy()[order]
     known = ~np.isin(labels, ["nan", "None", ""])
     codes = np.full(len(labels), -1)
     codes[known] = np.unique(labels[known], return_inverse=True)[1]
     blocks = spatial_blocks(np.asarray(adata.obsm["spatial"], dtype=np.float64)[order],
                             data.names)
-    smoothed_pca(adata, batch_key)
     rows: dict = {"spamask": {}, "smoothed_pca": {}}
     for seed in seed_list(args.seeds):
-        adata.obsm["X_spamask"] = stored_embedding(args.store, args.tag, seed)
-        _, rep = si.caller_input(adata, batch_key, harmony=data.harmony, seed=seed)
-        reps = {"spamask": rep, "smoothed_pca": "X_pca_smoothed"}
-        if data.harmony:
-            si.integrate(adata, batch_key, use_rep="X_pca_smoothed",
-                         key_added="X_pca_smoothed_harmony", seed=seed)
-            reps["smoothed_pca"] = "X_pca_smoothed_harmony"
+        reps = data.caller_inputs(stored_embedding(args.store, args.tag, seed), seed)
         for method, key in reps.items():
             x = reduce(adata.obsm[key][order], 30, seed)
             rows[method][str(seed)] = diagnose(x, codes, data.names, blocks, data.k, seed)
