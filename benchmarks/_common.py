@@ -114,24 +114,29 @@ class PlanData:
 
     def caller_inputs(self, embedding, seed: int) -> dict[str, str]:
         """The ``obsm`` keys of what the caller clusters for SpaMask (its input as ``run``
-        builds it from ``embedding``) and for smoothed PCA, each with Harmony when the plan
-        has it, all seeded with ``seed``."""
+        builds it from ``embedding``) and for smoothed PCA (:meth:`smoothed_pca_input`), each
+        with Harmony when the plan has it, all seeded with ``seed``."""
         import numpy as np
 
         import spamask_integrate as si
+
+        self.adata.obsm["X_spamask"] = np.ascontiguousarray(embedding, dtype=np.float32)
+        _, rep = si.caller_input(self.adata, self.batch_key, harmony=self.harmony, seed=seed)
+        return {"spamask": rep, "smoothed_pca": self.smoothed_pca_input(seed)}
+
+    def smoothed_pca_input(self, seed: int) -> str:
+        """The ``obsm`` key of smoothed PCA as the harness clusters it (Harmony seeded with
+        ``seed`` when the plan has it); the smoothing is done once."""
+        import spamask_integrate as si
         from spamask_integrate.baselines import smoothed_pca
 
-        adata, batch_key = self.adata, self.batch_key
-        if "X_pca_smoothed" not in adata.obsm:
-            smoothed_pca(adata, batch_key)
-        adata.obsm["X_spamask"] = np.ascontiguousarray(embedding, dtype=np.float32)
-        _, rep = si.caller_input(adata, batch_key, harmony=self.harmony, seed=seed)
-        reps = {"spamask": rep, "smoothed_pca": "X_pca_smoothed"}
-        if self.harmony:
-            si.integrate(adata, batch_key, use_rep="X_pca_smoothed",
-                         key_added="X_pca_smoothed_harmony", seed=seed)
-            reps["smoothed_pca"] = "X_pca_smoothed_harmony"
-        return reps
+        if "X_pca_smoothed" not in self.adata.obsm:
+            smoothed_pca(self.adata, self.batch_key)
+        if not self.harmony:
+            return "X_pca_smoothed"
+        si.integrate(self.adata, self.batch_key, use_rep="X_pca_smoothed",
+                     key_added="X_pca_smoothed_harmony", seed=seed)
+        return "X_pca_smoothed_harmony"
 
     def score(self, key: str = "domain") -> float:
         """The harness's score of ``obs[key]``: the mean over slices of the per-slice ARI."""

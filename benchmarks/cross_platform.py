@@ -141,21 +141,19 @@ def summary(results: Path) -> None:
 
 def screen(plan: str, tag: str, seeds: list[int], store: Path) -> None:
     import spamask_integrate as si
-    from spamask_integrate.baselines import smoothed_pca
 
     data = PlanData(plan)
     adata, batch_key, k = data.adata, data.batch_key, data.k
-    smoothed_pca(adata, batch_key)
     scores: dict = {}
     for seed in seeds:
         adata.obsm["X_spamask"] = stored_embedding(store, tag, seed)
         inputs = {}
-        for weight in (0.0, 0.5, 1.0):
-            _, inputs[f"spamask_weight_{weight:g}"] = si.caller_input(
-                adata, batch_key, weight=weight, harmony=data.harmony, seed=seed)
-            adata.obsm[f"input_{weight:g}"] = adata.obsm[inputs[f"spamask_weight_{weight:g}"]]
+        for weight in (0.0, 0.5, 1.0):  # each weight's input kept under a key of its own
+            _, rep = si.caller_input(adata, batch_key, weight=weight, harmony=data.harmony,
+                                     seed=seed)
+            adata.obsm[f"input_{weight:g}"] = adata.obsm[rep]
             inputs[f"spamask_weight_{weight:g}"] = f"input_{weight:g}"
-        inputs["smoothed_pca"] = "X_pca_smoothed"
+        inputs["smoothed_pca"] = data.smoothed_pca_input(seed)
         for name, rep in inputs.items():
             for rule, n_components in (("K", None), ("checked_join", "auto")):
                 si.cluster(adata, k, "gmm", use_rep=rep, batch_key=batch_key, seed=seed,

@@ -15,7 +15,8 @@ in the caller's spot order, and measures on the labelled spots:
   started at the true regions' weights, means and pooled covariance, and run to convergence:
   its pooled ARI (no spatial prior, no join) and mean log-likelihood per spot;
 - ``chosen``: the same for the start the caller picks among its own 120 starts (the medoid
-  of the likelier three quarters, :func:`~spamask_integrate.mixture.typical_start`);
+  of the likelier three quarters, :func:`~spamask_integrate.mixture.typical_start`; the
+  starts are fitted on every spot, as the caller fits them up to 20,000 spots);
 - ``likeliest``: the start with the highest likelihood; ``best_start_ari``: the highest ARI
   any of the 120 starts reaches; ``share_above_oracle``: the share of starts more likely
   than the oracle's optimum.
