@@ -138,6 +138,24 @@ class PlanData:
                      key_added="X_pca_smoothed_harmony", seed=seed)
         return "X_pca_smoothed_harmony"
 
+    def caller_view(self, key: str, seed: int):
+        """What the caller fits its mixtures to for ``obsm[key]``: the spots in its canonical
+        order, reduced to its default number of principal components (seeded with ``seed``,
+        as ``cluster`` seeds it)."""
+        import inspect
+
+        import spamask_integrate as si
+        from spamask_integrate.cluster import reduce
+
+        n_pcs = inspect.signature(si.cluster).parameters["n_pcs"].default
+        return reduce(self.adata.obsm[key][self.order], n_pcs, seed)
+
+    def neighbours(self):
+        """The caller's spatial graph (same-slice neighbours, CSR) in its canonical order."""
+        from spamask_integrate.cluster import same_slice_neighbours
+
+        return same_slice_neighbours(self.adata, self.batch_key)[self.order][:, self.order]
+
     def score(self, key: str = "domain") -> float:
         """The harness's score of ``obs[key]``: the mean over slices of the per-slice ARI."""
         import spamask_integrate as si

@@ -24,8 +24,6 @@ Result: benchmarks/results/merge_stability_<tag>.json (or --name)
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
 from _common import PlanData, seed_list, stored_embedding, stored_embedding_parser, write_result
@@ -35,7 +33,6 @@ def main() -> None:
     import spamask_integrate as si
     from spamask_integrate import mixture as M
 
-    C = importlib.import_module("spamask_integrate.cluster")
     ap = stored_embedding_parser(__doc__)
     args = ap.parse_args()
     data = PlanData(args.plan)
@@ -61,7 +58,7 @@ def main() -> None:
         potts_2k = adata.uns["spamask"]["cluster"]["potts_iterations"]
         ari_merged = score("merged")
         # the 2 K starts again, as medoid_start fits them, each joined into K on the probe
-        x = C.reduce(adata.obsm[rep][order], 30, seed)
+        x = data.caller_view(rep, seed)
         fit_idx = M.stratified_sample(data.names, 20_000, seed)
         fits = M.fit_starts(x[fit_idx], 2 * k, "EEE", M.start_seeds(seed, M.N_STARTS))
         probe = M.stratified_sample(data.names, 3000, seed + 1)

@@ -91,8 +91,6 @@ def diagnose(x: np.ndarray, codes: np.ndarray, groups: np.ndarray, blocks: np.nd
 
 
 def main() -> None:
-    from spamask_integrate.cluster import reduce
-
     args = stored_embedding_parser(__doc__).parse_args()
     data = PlanData(args.plan)
     adata, order = data.adata, data.order
@@ -106,7 +104,7 @@ def main() -> None:
     for seed in seed_list(args.seeds):
         reps = data.caller_inputs(stored_embedding(args.store, args.tag, seed), seed)
         for method, key in reps.items():
-            x = reduce(adata.obsm[key][order], 30, seed)
+            x = data.caller_view(key, seed)
             rows[method][str(seed)] = diagnose(x, codes, data.names, blocks, data.k, seed)
             print(seed, method, {k: round(v, 4) for k, v in rows[method][str(seed)].items()},
                   flush=True)

@@ -41,7 +41,7 @@ def main() -> None:
     args = stored_embedding_parser(__doc__).parse_args()
     data = PlanData(args.plan)
     adata, batch_key, k, order = data.adata, data.batch_key, data.k, data.order
-    adj = cluster.same_slice_neighbours(adata, batch_key)[order][:, order]
+    adj = data.neighbours()
     share = mixture.neighbour_share(adj)
     n_components = {"K": None, "join": 2 * k, "check": "auto"}
     rows = []
@@ -56,7 +56,7 @@ def main() -> None:
                     calls[rule].append((adata.obs["called"].cat.codes.to_numpy(),
                                         data.score("called")))
                 kept = bool(adata.uns["spamask"]["cluster"].get("merge_kept", False))
-                x = cluster.reduce(adata.obsm[key][order], 30, caller_seed)
+                x = data.caller_view(key, caller_seed)
                 start = np.eye(k)[calls["check"][-1][0][order]] * 0.98 + 0.02 / k
                 resp, em = mixture.potts_em(x, share, start, cluster.SPATIAL_PRIOR)
                 refit = np.empty(adata.n_obs, dtype=np.int64)

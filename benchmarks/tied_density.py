@@ -35,14 +35,14 @@ def main() -> None:
     data = PlanData(args.plan)
     adata, batch_key, k, harmony = data.adata, data.batch_key, data.k, data.harmony
     order, names = data.order, data.names
-    share = M.neighbour_share(C.same_slice_neighbours(adata, batch_key)[order][:, order])
+    share = M.neighbour_share(data.neighbours())
     ours = M.TiedGaussianMixture  # fit_gmm builds this class; sklearn's is the fit of before
     rows: dict = {}
     try:
         for seed in seed_list(args.seeds):
             adata.obsm["X_spamask"] = stored_embedding(args.store, args.tag, seed)
             _, rep = si.caller_input(adata, batch_key, harmony=harmony, seed=seed)
-            x = C.reduce(adata.obsm[rep][order], 30, seed)
+            x = data.caller_view(rep, seed)
             row = {}
             for n in (k, 2 * k):
                 calls = {}
