@@ -213,3 +213,41 @@ def timed_cli(args: list[str], env: dict | None = None):
         raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     return proc, wall, rss_kb / 1024**2
+
+
+def caller_seed_rules(calls: dict) -> dict:
+    """Per rule, from ``calls[rule] = [(domains, score) for caller seed s, the same for
+    s + 1000]``: both scores and the ARI between the two calls' domains (1.0: the same
+    partition)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    return {rule: {"ari": score_a, "ari_other_seed": score_b,
+                   "same": float(adjusted_rand_score(a, b))}
+            for rule, ((a, score_a), (b, score_b)) in calls.items()}
+
+
+def caller_seed_summary(rows: list[dict], rules) -> dict:
+    """For the ``rules`` of :func:`caller_seed_rules` over ``rows`` (one per embedding): the
+    score's mean, sd and minimum for caller seed s, its mean for s + 1000, and on how many
+    embeddings the two caller seeds gave the very same domains."""
+    import numpy as np
+
+    summary = {}
+    for rule in rules:
+        scores = np.array([r[rule]["ari"] for r in rows])
+        same = np.array([r[rule]["same"] for r in rows])
+        summary[rule] = {
+            "ari_mean": float(scores.mean()), "ari_sd": float(scores.std(ddof=1)),
+            "ari_min": float(scores.min()),
+            "ari_other_seed_mean": float(np.mean([r[rule]["ari_other_seed"] for r in rows])),
+            "identical_domains": int((same > 1 - 1e-9).sum()), "embeddings": len(rows),
+            "same_mean": float(same.mean())}
+    return summary
+
+
+def print_caller_seed_row(seed: int, method: str, row: dict, rules, *extra: str) -> None:
+    """One line per embedding and method: each rule's scores for both caller seeds."""
+    print(seed, method, ", ".join(f"{rule} {row[rule]['ari']:.3f}/"
+                                  f"{row[rule]['ari_other_seed']:.3f} "
+                                  f"(same {row[rule]['same']:.3f})" for rule in rules),
+          *extra, flush=True)

@@ -26,14 +26,13 @@ import importlib
 
 import numpy as np
 
-from _common import PlanData, seed_list, stored_embedding, stored_embedding_parser, write_result
+from _common import (PlanData, caller_seed_rules, caller_seed_summary, print_caller_seed_row,
+                     seed_list, stored_embedding, stored_embedding_parser, write_result)
 
 RULES = ("K", "join", "check", "refit")
 
 
 def main() -> None:
-    from sklearn.metrics import adjusted_rand_score
-
     import spamask_integrate as si
 
     cluster = importlib.import_module("spamask_integrate.cluster")
@@ -71,26 +70,14 @@ def main() -> None:
                              "coherence_check_refit": [cluster.pair_coherence(adj, checked),
                                                        cluster.pair_coherence(adj, refit[order])]}
             row = {"seed": seed, "method": method, **first}
-            for rule, ((a, score_a), (b, score_b)) in calls.items():
-                row[rule] = {"ari": score_a, "ari_other_seed": score_b,
-                             "same": float(adjusted_rand_score(a, b))}
+            row.update(caller_seed_rules(calls))
             rows.append(row)
-            print(seed, method, ", ".join(f"{rule} {row[rule]['ari']:.3f}/"
-                                          f"{row[rule]['ari_other_seed']:.3f} "
-                                          f"(same {row[rule]['same']:.3f})" for rule in RULES),
-                  flush=True)
+            print_caller_seed_row(seed, method, row, RULES)
     summary: dict = {}
     for method in ("spamask", "smoothed_pca"):
         mine = [r for r in rows if r["method"] == method]
-        for rule in RULES:
-            scores = np.array([r[rule]["ari"] for r in mine])
-            same = np.array([r[rule]["same"] for r in mine])
-            summary[f"{method} / {rule}"] = {
-                "ari_mean": float(scores.mean()), "ari_sd": float(scores.std(ddof=1)),
-                "ari_min": float(scores.min()),
-                "ari_other_seed_mean": float(np.mean([r[rule]["ari_other_seed"] for r in mine])),
-                "identical_domains": int((same > 1 - 1e-9).sum()), "embeddings": len(mine),
-                "same_mean": float(same.mean())}
+        summary.update({f"{method} / {rule}": values for rule, values
+                        in caller_seed_summary(mine, RULES).items()})
         summary[f"{method} / refit up"] = int(sum(r["refit"]["ari"] > r["check"]["ari"]
                                                   for r in mine))
     for name, values in summary.items():

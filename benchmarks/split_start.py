@@ -30,7 +30,8 @@ import importlib
 
 import numpy as np
 
-from _common import PlanData, seed_list, stored_embedding, stored_embedding_parser, write_result
+from _common import (PlanData, caller_seed_rules, caller_seed_summary, print_caller_seed_row,
+                     seed_list, stored_embedding, stored_embedding_parser, write_result)
 
 RULES = ("K", "check", "split", "split_check")
 
@@ -67,8 +68,6 @@ def mixture_objectives(x: np.ndarray, resp: np.ndarray, share, beta: float) -> d
 
 
 def main() -> None:
-    from sklearn.metrics import adjusted_rand_score
-
     import spamask_integrate as si
 
     cluster = importlib.import_module("spamask_integrate.cluster")
@@ -133,28 +132,17 @@ def main() -> None:
                                      "fisher": float(f), "ari": score(in_obs_order(lab))}
                               for (name, (r, lab)), f in zip(fits.items(), fisher)}
             row = {"seed": seed, "method": method, "two_k_fits": choice}
-            for rule, ((a, score_a), (b, score_b)) in calls.items():
-                row[rule] = {"ari": score_a, "ari_other_seed": score_b,
-                             "same": float(adjusted_rand_score(a, b))}
+            row.update(caller_seed_rules(calls))
             rows.append(row)
-            print(seed, method, ", ".join(f"{rule} {row[rule]['ari']:.3f}/"
-                                          f"{row[rule]['ari_other_seed']:.3f} "
-                                          f"(same {row[rule]['same']:.3f})" for rule in RULES),
-                  "| 2 K fits, split / starts: ARI " + " / ".join(
-                      f"{c['ari']:.3f}" for c in choice.values()) + ", log-lik " + " / ".join(
-                      f"{c['loglik']:.3f}" for c in choice.values()), flush=True)
+            print_caller_seed_row(seed, method, row, RULES, "| 2 K fits, split / starts: ARI "
+                                  + " / ".join(f"{c['ari']:.3f}" for c in choice.values())
+                                  + ", log-lik "
+                                  + " / ".join(f"{c['loglik']:.3f}" for c in choice.values()))
     summary: dict = {}
     for method in ("spamask", "smoothed_pca"):
         mine = [r for r in rows if r["method"] == method]
-        for rule in RULES:
-            scores = np.array([r[rule]["ari"] for r in mine])
-            same = np.array([r[rule]["same"] for r in mine])
-            summary[f"{method} / {rule}"] = {
-                "ari_mean": float(scores.mean()), "ari_sd": float(scores.std(ddof=1)),
-                "ari_min": float(scores.min()),
-                "ari_other_seed_mean": float(np.mean([r[rule]["ari_other_seed"] for r in mine])),
-                "identical_domains": int((same > 1 - 1e-9).sum()), "embeddings": len(mine),
-                "same_mean": float(same.mean())}
+        summary.update({f"{method} / {rule}": values for rule, values
+                        in caller_seed_summary(mine, RULES).items()})
         summary[f"{method} / split_check up"] = int(sum(r["split_check"]["ari"] > r["check"]["ari"]
                                                         for r in mine))
         for what in ("loglik", "mean_field", "coherence", "fisher"):
