@@ -94,10 +94,8 @@ def main() -> None:
         return mapping[resp.argmax(axis=1)]
 
     def checked(k_labels: np.ndarray, joined: np.ndarray) -> np.ndarray:
-        # the default's check (cluster's "auto"): the join unless it loses on both counts
-        coherence = [cluster.pair_coherence(adj, p) for p in (k_labels, joined)]
-        distinct = mixture.fisher_ratios(adata.obsm["X_pca"], [k_labels, joined], k, rows=order)
-        return joined if coherence[1] > coherence[0] or distinct[1] > distinct[0] else k_labels
+        kept, _, _ = cluster.join_kept(adj, adata.obsm["X_pca"], k_labels, joined, k, rows=order)
+        return joined if kept else k_labels
 
     rows = []
     for seed in seed_list(args.seeds):

@@ -168,10 +168,8 @@ def cluster(
             fits.append((labels, info))
         if check:  # keep K components only if the join loses in space and in expression
             (k_labels, k_info), (m_labels, m_info) = fits
-            coherence = [pair_coherence(adj, k_labels), pair_coherence(adj, m_labels)]
-            distinct = fisher_ratios(adata.obsm[merge_rep], [k_labels, m_labels], n_domains,
-                                     rows=order)
-            keep_merge = coherence[1] > coherence[0] or distinct[1] > distinct[0]
+            keep_merge, coherence, distinct = join_kept(adj, adata.obsm[merge_rep], k_labels,
+                                                        m_labels, n_domains, rows=order)
             labels, info = (m_labels, m_info) if keep_merge else (k_labels, k_info)
             info.update(merge_checked=True, merge_kept=bool(keep_merge),
                         coherence_k=coherence[0], coherence_merged=coherence[1],
@@ -339,6 +337,17 @@ def pair_coherence(adj: sp.spmatrix, labels: np.ndarray) -> float:
     if coo.nnz == 0:
         return 1.0
     return float(np.mean(labels[coo.row] == labels[coo.col]))
+
+
+def join_kept(adj: sp.spmatrix, view, k_labels: np.ndarray, joined: np.ndarray, k: int, *,
+              rows: np.ndarray | None = None) -> tuple[bool, list[float], list[float]]:
+    """The check of ``n_components="auto"``: keep the ``joined`` domains unless they lose to
+    the K components' ``k_labels`` on both counts, pair coherence over ``adj`` and the Fisher
+    ratio in ``view`` (the model input; ``rows`` maps the labels' order to its rows).
+    Returns whether the join is kept, and both partitions' coherence and Fisher ratios."""
+    coherence = [pair_coherence(adj, k_labels), pair_coherence(adj, joined)]
+    distinct = fisher_ratios(view, [k_labels, joined], k, rows=rows)
+    return coherence[1] > coherence[0] or distinct[1] > distinct[0], coherence, distinct
 
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
