@@ -11,7 +11,12 @@ platform:
 - the response is not linear: the expected count is ``efficiency * count ** --response``
   (default 0.8, a saturating detector), scaled so the half has ``--depth`` (default 0.5)
   of the first half's molecules per cell, and drawn again from a Poisson law;
-- the coordinates are in other units and turned: rotated 90 degrees and scaled by 0.3.
+- the coordinates are in other units and turned: rotated 90 degrees and scaled by 0.3;
+- with ``--cover F`` below 1, the second platform images only part of the tissue: the share
+  F of the section along its long axis (y) from the pial side, so the white matter, the
+  hippocampus, the ventricle and the caudoputamen are scarce or absent there. The regions
+  then differ in their share between the platforms, which is what a correction across
+  batches (Harmony) can mistake for a platform effect.
 
 Both halves keep the region labels. ``make`` writes the two .h5ad files and a benchmark plan
 (every method the harness has, Harmony over the two platforms, the default caller, K = 11);
@@ -27,12 +32,19 @@ gap between the two, and SpaMask's lead over the method, paired by seed.
 the embedding alone and beside the input's context (weights 0, 0.5, 1), each with K
 components and with the default checked join, and the same two callers on smoothed PCA.
 
-Usage: python benchmarks/cross_platform.py make DIR [--split-seed 0] [--as-is]
+``check`` asks what the default's check between the K components and the 2 K join chose, on
+the same stored embeddings: for SpaMask's input and smoothed PCA's, the score of K components,
+of the join always and of the default, and the check's two counts (the change, joined minus
+K, in pair coherence and in the Fisher ratio in ``obsm["X_pca"]``).
+
+Usage: python benchmarks/cross_platform.py make DIR [--split-seed 0] [--as-is] [--cover 1]
        spamask-integrate benchmark DIR/plan.yaml -o benchmarks/results/cross_platform
        python benchmarks/cross_platform.py summary benchmarks/results/cross_platform
        python benchmarks/model_ensembles.py train DIR/plan.yaml --tag half --seeds 0-9 --store S
        python benchmarks/cross_platform.py screen DIR/plan.yaml --tag half --seeds 0-9 --store S
-Result of screen: benchmarks/results/cross_platform_screen_<tag>.json
+       python benchmarks/cross_platform.py check DIR/plan.yaml --tag half --seeds 0-9 --store S
+Result of screen: benchmarks/results/cross_platform_screen_<tag>.json; of check:
+cross_platform_check_<tag>.json
 """
 
 from __future__ import annotations
@@ -84,18 +96,28 @@ def second_platform(half: ad.AnnData, depth_ref: float, *, efficiency_sd: float,
 
 
 def make(folder: Path, split_seed: int, efficiency_sd: float, response: float,
-         depth: float, as_is: bool = False) -> None:
+         depth: float, as_is: bool = False, cover: float = 1.0) -> None:
+    if not 0.0 < cover <= 1.0:
+        raise SystemExit(f"--cover {cover}: must be above 0 and at most 1")
     full = ad.read_h5ad(OSMFISH)
     rng = np.random.default_rng(split_seed)
     second = rng.random(full.n_obs) < 0.5
+    if cover < 1.0:  # the second platform sees only the pial share `cover` of the section
+        y = np.asarray(full.obsm["spatial"], dtype=np.float64)[:, 1]
+        outside = y < np.quantile(y, 1.0 - cover)
+        second_cells = second & ~outside
+        print(f"--cover {cover}: the second platform keeps {second_cells.sum()} of its "
+              f"{second.sum()} cells (y above {np.quantile(y, 1.0 - cover):.0f})")
+    else:
+        outside = np.zeros(full.n_obs, dtype=bool)
     a = full[~second].copy()
     a.uns["source"] = f"{OSMFISH.name}: the first half of the cells (split seed {split_seed})"
     depth_ref = float(np.asarray(a.X.sum(axis=1)).mean())
     if as_is:  # the control: two halves of one platform
-        b = full[second].copy()
+        b = full[second & ~outside].copy()
         b.uns["source"] = f"{OSMFISH.name}: the second half of the cells, as measured"
     else:
-        b = second_platform(full[second].copy(), depth_ref, efficiency_sd=efficiency_sd,
+        b = second_platform(full[second & ~outside].copy(), depth_ref, efficiency_sd=efficiency_sd,
                             response=response, depth=depth, rng=rng)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "platform_a.h5ad", folder / "platform_b.h5ad"]
@@ -105,6 +127,8 @@ def make(folder: Path, split_seed: int, efficiency_sd: float, response: float,
     how = ("the control: both as measured" if as_is else
            f"the second re-measured with per-gene efficiency sd {efficiency_sd}, response "
            f"exponent {response}, depth {depth},\n# coordinates turned and rescaled")
+    if cover < 1.0:
+        how += f",\n# the second platform covering only the pial {cover:g} of the section"
     with atomic_write(folder / "plan.yaml") as tmp:
         tmp.write_text(PLAN.format(a=paths[0].resolve(), b=paths[1].resolve(), how=how))
     print(f"wrote {paths[0]} ({a.n_obs} cells), {paths[1]} ({b.n_obs} cells, "
@@ -170,6 +194,48 @@ def screen(plan: str, tag: str, seeds: list[int], store: Path) -> None:
                                                   "scores": scores, "summary": summary})
 
 
+def check(plan: str, tag: str, seeds: list[int], store: Path) -> None:
+    import spamask_integrate as si
+
+    data = PlanData(plan)
+    adata, batch_key, k = data.adata, data.batch_key, data.k
+    rows = []
+    for seed in seeds:
+        inputs = data.caller_inputs(stored_embedding(store, tag, seed), seed)
+        for method, rep in inputs.items():
+            row = {"seed": seed, "method": method}
+            for rule, n_components in (("K", None), ("join", 2 * k), ("default", "auto")):
+                si.cluster(adata, k, "gmm", use_rep=rep, batch_key=batch_key, seed=seed,
+                           n_components=n_components, key_added="checked")
+                row[rule] = data.score("checked")
+            done = adata.uns["spamask"]["cluster"]  # the default's record (called last)
+            row.update(join_kept=bool(done["merge_kept"]),
+                       coherence_change=float(done["coherence_merged"] - done["coherence_k"]),
+                       fisher_change=float(done["distinct_merged"] - done["distinct_k"]))
+            rows.append(row)
+            print(f"seed {seed}, {method}: K {row['K']:.3f}, join {row['join']:.3f}, default "
+                  f"{row['default']:.3f} (join kept: {row['join_kept']}; coherence "
+                  f"{row['coherence_change']:+.4f}, Fisher ratio {row['fisher_change']:+.3f})",
+                  flush=True)
+    table = pd.DataFrame(rows)
+    summary = {}
+    for method, one in table.groupby("method"):
+        summary[method] = {rule: {"mean": float(one[rule].mean()), "sd": float(one[rule].std())}
+                           for rule in ("K", "join", "default")}
+        summary[method].update(
+            join_kept=int(one["join_kept"].sum()),
+            join_less_coherent=int((one["coherence_change"] < 0).sum()),
+            space_alone=float(np.where(one["coherence_change"] > 0, one["join"],
+                                       one["K"]).mean()))
+        print(f"{method}: " + ", ".join(f"{rule} {v['mean']:.3f} ± {v['sd']:.3f}" for rule, v
+                                        in summary[method].items() if isinstance(v, dict))
+              + f"; join kept on {summary[method]['join_kept']} of {len(one)}, less coherent "
+              f"on {summary[method]['join_less_coherent']}; the rule of space alone would "
+              f"score {summary[method]['space_alone']:.3f}")
+    write_result(f"cross_platform_check_{tag}", {"plan": plan, "seeds": seeds, "rows": rows,
+                                                 "summary": summary})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -181,6 +247,9 @@ def main() -> None:
     m.add_argument("--depth", type=float, default=0.5)
     m.add_argument("--as-is", action="store_true",
                    help="the control: leave the second half as measured (one platform)")
+    m.add_argument("--cover", type=float, default=1.0,
+                   help="share of the section (along y, from the pial side) that the second "
+                        "platform covers; 1: all of it")
     s = sub.add_parser("summary")
     s.add_argument("results", type=Path)
     c = sub.add_parser("screen")
@@ -188,14 +257,21 @@ def main() -> None:
     c.add_argument("--tag", required=True)
     c.add_argument("--seeds", default="0-9")
     c.add_argument("--store", type=Path, required=True)
+    h = sub.add_parser("check")
+    h.add_argument("plan")
+    h.add_argument("--tag", required=True)
+    h.add_argument("--seeds", default="0-9")
+    h.add_argument("--store", type=Path, required=True)
     args = parser.parse_args()
     if args.what == "make":
         make(args.folder, args.split_seed, args.efficiency_sd, args.response, args.depth,
-             args.as_is)
+             args.as_is, args.cover)
     elif args.what == "summary":
         summary(args.results)
-    else:
+    elif args.what == "screen":
         screen(args.plan, args.tag, seed_list(args.seeds), args.store)
+    else:
+        check(args.plan, args.tag, seed_list(args.seeds), args.store)
 
 
 if __name__ == "__main__":
