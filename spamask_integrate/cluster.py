@@ -76,7 +76,11 @@ def cluster(
         components only if the join loses on both counts: its domains are patchier in space
         (a smaller share of same-slice neighbour pairs in one domain, :func:`pair_coherence`)
         and less distinct in expression (a smaller Fisher ratio in ``obsm[merge_rep]``,
-        :func:`~spamask_integrate.mixture.fisher_ratio`). K components without
+        :func:`~spamask_integrate.mixture.fisher_ratio`); a join kept on expression alone
+        (patchier in space) logs a warning naming ``n_components=K`` to compare, since
+        where slices cover different parts of a tissue such joins have cost accuracy
+        (benchmarks/README.md, "When the second platform covers only part of the
+        tissue"). K components without
         ``obsm[merge_rep]`` or a spatial graph. A number M: M components, always joined. ``None``: K components, no merge. Why: a
         smoothed embedding's thick layers are cut into slabs by K components, which the
         join repairs (the slabs of one layer share their expression, so the joined domains
@@ -180,6 +184,14 @@ def cluster(
                         n_domains, n_fit, coherence[0], coherence[1], distinct[0],
                         distinct[1], merge_rep,
                         "joined components" if keep_merge else f"{n_domains} components")
+            if keep_merge and coherence[1] < coherence[0]:
+                logger.warning(
+                    "cluster: the joined domains were kept on expression alone: they are "
+                    "patchier in space than the %d components' (same-slice neighbours in one "
+                    "domain %.4f against %.4f). Where slices cover different parts of a "
+                    "tissue such a join has cost accuracy; compare n_components=%d "
+                    "(`--n-components %d`)", n_domains, coherence[1], coherence[0],
+                    n_domains, n_domains)
         else:
             labels, info = fits[0]
         params.update(gmm_model=gmm_model, **info)

@@ -1,3 +1,5 @@
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -95,18 +97,31 @@ def test_merge_recovers_thin_layers_a_smooth_embedding_runs_together(smooth_laye
         assert a.uns["spamask"]["cluster"]["n_components"] == 4
     # K components tile the gradient in even slabs: a thick layer is cut, thin ones join
     assert max(unmerged) < 0.6
-    for seed in (0, 1):
-        si.cluster(a, 4, use_rep="X_emb", seed=seed)  # the default, "auto": 2 K, joined
-        assert adjusted_rand_score(truth, a.obs["domain"]) > 0.9
-        info = a.uns["spamask"]["cluster"]
-        assert info["n_components"] == 8 and info["merge_rep"] == "X_pca"
-        assert info["merge_fitted"] == "X_emb"
-        # kept: the joined domains differ more in expression. (Not in space: the slabs of
-        # this straight gradient have straight edges, so the check needs both signals.)
-        assert info["merge_checked"] and info["merge_kept"]
-        assert info["distinct_merged"] > info["distinct_k"]
-        assert info["coherence_merged"] < info["coherence_k"]
-        assert a.obs["domain"].nunique() == 4
+    # a handler of our own: the CLI tests leave the package logger not propagating to caplog
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    log = logging.getLogger("spamask_integrate.cluster")
+    log.addHandler(handler)
+    try:
+        for seed in (0, 1):
+            si.cluster(a, 4, use_rep="X_emb", seed=seed)  # the default, "auto": 2 K, joined
+            assert adjusted_rand_score(truth, a.obs["domain"]) > 0.9
+            info = a.uns["spamask"]["cluster"]
+            assert info["n_components"] == 8 and info["merge_rep"] == "X_pca"
+            assert info["merge_fitted"] == "X_emb"
+            # kept: the joined domains differ more in expression. (Not in space: the slabs
+            # of this straight gradient have straight edges, so the check needs both.)
+            assert info["merge_checked"] and info["merge_kept"]
+            assert info["distinct_merged"] > info["distinct_k"]
+            assert info["coherence_merged"] < info["coherence_k"]
+            assert a.obs["domain"].nunique() == 4
+    finally:
+        log.removeHandler(handler)
+    # kept on expression alone, so each call tells the user that space pointed the other
+    # way, and what to compare
+    told = [r.getMessage() for r in records if "kept on expression alone" in r.getMessage()]
+    assert len(told) == 2 and all("n_components=4" in m for m in told)
     # without the model input to join them in, "auto" fits K components
     b = a.copy()
     del b.obsm["X_pca"]
@@ -129,7 +144,15 @@ def test_auto_keeps_k_components_where_the_join_loses_in_space_and_expression(sm
         return np.arange(resp.shape[1]) % k
 
     monkeypatch.setattr(module, "merge_components", scrambled)
-    si.cluster(a, 4, use_rep="X_emb", seed=0)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("spamask_integrate.cluster").addHandler(handler)
+    try:
+        si.cluster(a, 4, use_rep="X_emb", seed=0)
+    finally:
+        logging.getLogger("spamask_integrate.cluster").removeHandler(handler)
+    assert not [r for r in records if "kept on expression alone" in r.getMessage()]
     info = a.uns["spamask"]["cluster"]
     assert info["merge_checked"] and not info["merge_kept"]
     assert info["coherence_merged"] < info["coherence_k"]
