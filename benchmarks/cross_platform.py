@@ -102,22 +102,21 @@ def make(folder: Path, split_seed: int, efficiency_sd: float, response: float,
     full = ad.read_h5ad(OSMFISH)
     rng = np.random.default_rng(split_seed)
     second = rng.random(full.n_obs) < 0.5
-    if cover < 1.0:  # the second platform sees only the pial share `cover` of the section
+    kept = second.copy()  # the cells the second platform measures
+    if cover < 1.0:  # it sees only the pial share `cover` of the section
         y = np.asarray(full.obsm["spatial"], dtype=np.float64)[:, 1]
-        outside = y < np.quantile(y, 1.0 - cover)
-        second_cells = second & ~outside
-        print(f"--cover {cover}: the second platform keeps {second_cells.sum()} of its "
-              f"{second.sum()} cells (y above {np.quantile(y, 1.0 - cover):.0f})")
-    else:
-        outside = np.zeros(full.n_obs, dtype=bool)
+        edge = np.quantile(y, 1.0 - cover)
+        kept &= y >= edge
+        print(f"--cover {cover}: the second platform keeps {kept.sum()} of its "
+              f"{second.sum()} cells (y above {edge:.0f})")
     a = full[~second].copy()
     a.uns["source"] = f"{OSMFISH.name}: the first half of the cells (split seed {split_seed})"
     depth_ref = float(np.asarray(a.X.sum(axis=1)).mean())
     if as_is:  # the control: two halves of one platform
-        b = full[second & ~outside].copy()
+        b = full[kept].copy()
         b.uns["source"] = f"{OSMFISH.name}: the second half of the cells, as measured"
     else:
-        b = second_platform(full[second & ~outside].copy(), depth_ref, efficiency_sd=efficiency_sd,
+        b = second_platform(full[kept].copy(), depth_ref, efficiency_sd=efficiency_sd,
                             response=response, depth=depth, rng=rng)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "platform_a.h5ad", folder / "platform_b.h5ad"]
@@ -252,16 +251,12 @@ def main() -> None:
                         "platform covers; 1: all of it")
     s = sub.add_parser("summary")
     s.add_argument("results", type=Path)
-    c = sub.add_parser("screen")
-    c.add_argument("plan")
-    c.add_argument("--tag", required=True)
-    c.add_argument("--seeds", default="0-9")
-    c.add_argument("--store", type=Path, required=True)
-    h = sub.add_parser("check")
-    h.add_argument("plan")
-    h.add_argument("--tag", required=True)
-    h.add_argument("--seeds", default="0-9")
-    h.add_argument("--store", type=Path, required=True)
+    for name in ("screen", "check"):  # both read the embeddings stored for a plan
+        c = sub.add_parser(name)
+        c.add_argument("plan")
+        c.add_argument("--tag", required=True)
+        c.add_argument("--seeds", default="0-9")
+        c.add_argument("--store", type=Path, required=True)
     args = parser.parse_args()
     if args.what == "make":
         make(args.folder, args.split_seed, args.efficiency_sd, args.response, args.depth,
