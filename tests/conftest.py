@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +110,19 @@ def write_slices_and_config(adata, folder: Path, config_text: str) -> tuple[list
     config = folder / "fast.yaml"
     config.write_text(config_text)
     return write_h5ad_slices(adata, data), config
+
+
+@contextmanager
+def logged_warnings(name: str):
+    """The warnings the package logger ``name`` emits inside the block, as a list of their
+    messages. A handler of its own: the CLI tests leave the package logger not propagating
+    to pytest's caplog."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    log = logging.getLogger(name)
+    log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)

@@ -1,5 +1,3 @@
-import logging
-
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -7,6 +5,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 import spamask_integrate as si
+from conftest import logged_warnings
 from spamask_integrate.cluster import refine_labels, same_slice_neighbours
 from spamask_integrate.mixture import KEEP_STARTS, N_STARTS
 
@@ -97,13 +96,7 @@ def test_merge_recovers_thin_layers_a_smooth_embedding_runs_together(smooth_laye
         assert a.uns["spamask"]["cluster"]["n_components"] == 4
     # K components tile the gradient in even slabs: a thick layer is cut, thin ones join
     assert max(unmerged) < 0.6
-    # a handler of our own: the CLI tests leave the package logger not propagating to caplog
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    log = logging.getLogger("spamask_integrate.cluster")
-    log.addHandler(handler)
-    try:
+    with logged_warnings("spamask_integrate.cluster") as warned:
         for seed in (0, 1):
             si.cluster(a, 4, use_rep="X_emb", seed=seed)  # the default, "auto": 2 K, joined
             assert adjusted_rand_score(truth, a.obs["domain"]) > 0.9
@@ -116,11 +109,9 @@ def test_merge_recovers_thin_layers_a_smooth_embedding_runs_together(smooth_laye
             assert info["distinct_merged"] > info["distinct_k"]
             assert info["coherence_merged"] < info["coherence_k"]
             assert a.obs["domain"].nunique() == 4
-    finally:
-        log.removeHandler(handler)
     # kept on expression alone, so each call tells the user that space pointed the other
     # way, and what to compare
-    told = [r.getMessage() for r in records if "kept on expression alone" in r.getMessage()]
+    told = [m for m in warned if "kept on expression alone" in m]
     assert len(told) == 2 and all("n_components=4" in m for m in told)
     # without the model input to join them in, "auto" fits K components
     b = a.copy()
@@ -144,15 +135,9 @@ def test_auto_keeps_k_components_where_the_join_loses_in_space_and_expression(sm
         return np.arange(resp.shape[1]) % k
 
     monkeypatch.setattr(module, "merge_components", scrambled)
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logging.getLogger("spamask_integrate.cluster").addHandler(handler)
-    try:
+    with logged_warnings("spamask_integrate.cluster") as warned:
         si.cluster(a, 4, use_rep="X_emb", seed=0)
-    finally:
-        logging.getLogger("spamask_integrate.cluster").removeHandler(handler)
-    assert not [r for r in records if "kept on expression alone" in r.getMessage()]
+    assert not [m for m in warned if "kept on expression alone" in m]
     info = a.uns["spamask"]["cluster"]
     assert info["merge_checked"] and not info["merge_kept"]
     assert info["coherence_merged"] < info["coherence_k"]

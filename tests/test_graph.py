@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import spamask_integrate as si
-from conftest import assert_symmetric
+from conftest import assert_symmetric, logged_warnings
 
 
 def _cross(graph):
@@ -99,8 +99,6 @@ def test_spatial_tiles_are_compact_and_within_slices(tiny_slices):
 
 
 def test_to_dgl_makes_a_foreign_graph_undirected(tiny_slices):
-    import logging
-
     import scipy.sparse as sp
 
     si.build_graph(tiny_slices, k=6)
@@ -114,18 +112,9 @@ def test_to_dgl_makes_a_foreign_graph_undirected(tiny_slices):
     raw = sp.csr_matrix((data[order], cols[order], indptr), shape=adj.shape)  # kept as given
     assert raw.nnz == adj.nnz + 6
     tiny_slices.obsp["directed"] = raw
-    # a handler of our own: the CLI tests leave the package logger not propagating to caplog
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    log = logging.getLogger("spamask_integrate.graph")
-    log.addHandler(handler)
-    try:
+    with logged_warnings("spamask_integrate.graph") as warned:
         g = si.to_dgl(tiny_slices, key="directed")
-    finally:
-        log.removeHandler(handler)
-    assert any("5 duplicated entries" in r.getMessage() and "made undirected" in r.getMessage()
-               for r in records)
+    assert any("5 duplicated entries" in m and "made undirected" in m for m in warned)
     assert g.num_edges() == clean.num_edges()
     src, dst = g.edges()
     assert g.has_edges_between(dst, src).all()
