@@ -195,22 +195,28 @@ def screen(plan: str, tag: str, seeds: list[int], store: Path) -> None:
 
 def check(plan: str, tag: str, seeds: list[int], store: Path) -> None:
     import spamask_integrate as si
+    from spamask_integrate.cluster import join_kept, same_slice_neighbours
 
     data = PlanData(plan)
     adata, batch_key, k = data.adata, data.batch_key, data.k
+    adj = same_slice_neighbours(adata, batch_key)  # the check's graph, in the AnnData's order
     rows = []
     for seed in seeds:
         inputs = data.caller_inputs(stored_embedding(store, tag, seed), seed)
         for method, rep in inputs.items():
             row = {"seed": seed, "method": method}
-            for rule, n_components in (("K", None), ("join", 2 * k), ("default", "auto")):
+            labels = {}
+            # the default fits these two (same seed) and keeps one by `join_kept`
+            for rule, n_components in (("K", None), ("join", 2 * k)):
                 si.cluster(adata, k, "gmm", use_rep=rep, batch_key=batch_key, seed=seed,
                            n_components=n_components, key_added="checked")
                 row[rule] = data.score("checked")
-            done = adata.uns["spamask"]["cluster"]  # the default's record (called last)
-            row.update(join_kept=bool(done["merge_kept"]),
-                       coherence_change=float(done["coherence_merged"] - done["coherence_k"]),
-                       fisher_change=float(done["distinct_merged"] - done["distinct_k"]))
+                labels[rule] = adata.obs["checked"].cat.codes.to_numpy()
+            kept, coherence, distinct = join_kept(adj, adata.obsm["X_pca"], labels["K"],
+                                                  labels["join"], k)
+            row.update(default=row["join"] if kept else row["K"], join_kept=bool(kept),
+                       coherence_change=float(coherence[1] - coherence[0]),
+                       fisher_change=float(distinct[1] - distinct[0]))
             rows.append(row)
             print(f"seed {seed}, {method}: K {row['K']:.3f}, join {row['join']:.3f}, default "
                   f"{row['default']:.3f} (join kept: {row['join_kept']}; coherence "
