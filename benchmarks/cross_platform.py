@@ -193,7 +193,7 @@ def screen(plan: str, tag: str, seeds: list[int], store: Path) -> None:
                                                   "scores": scores, "summary": summary})
 
 
-def check(plan: str, tag: str, seeds: list[int], store: Path) -> None:
+def check(plan: str, tag: str, seeds: list[int], store: Path, name: str | None = None) -> None:
     import spamask_integrate as si
     from spamask_integrate.cluster import join_kept, same_slice_neighbours
 
@@ -212,16 +212,16 @@ def check(plan: str, tag: str, seeds: list[int], store: Path) -> None:
                            n_components=n_components, key_added="checked")
                 row[rule] = data.score("checked")
                 labels[rule] = adata.obs["checked"].cat.codes.to_numpy()
-            kept, coherence, distinct = join_kept(adj, adata.obsm["X_pca"], labels["K"],
-                                                  labels["join"], k)
+            kept, fit = join_kept(adj, adata.obsm["X_pca"], labels["K"], labels["join"], k)
             row.update(default=row["join"] if kept else row["K"], join_kept=bool(kept),
-                       coherence_change=float(coherence[1] - coherence[0]),
-                       fisher_change=float(distinct[1] - distinct[0]))
+                       **{f"{name}_change": float(pair[1] - pair[0])
+                          for name, pair in fit.items()})
             rows.append(row)
             print(f"seed {seed}, {method}: K {row['K']:.3f}, join {row['join']:.3f}, default "
-                  f"{row['default']:.3f} (join kept: {row['join_kept']}; coherence "
-                  f"{row['coherence_change']:+.4f}, Fisher ratio {row['fisher_change']:+.3f})",
-                  flush=True)
+                  f"{row['default']:.3f} (join kept: {row['join_kept']}; model score "
+                  f"{row['score_change']:+.4f}, log-likelihood {row['loglik_change']:+.4f}, "
+                  f"coherence {row['coherence_change']:+.4f}, Fisher ratio "
+                  f"{row['distinct_change']:+.3f})", flush=True)
     table = pd.DataFrame(rows)
     summary = {}
     for method, one in table.groupby("method"):
@@ -231,14 +231,19 @@ def check(plan: str, tag: str, seeds: list[int], store: Path) -> None:
             join_kept=int(one["join_kept"].sum()),
             join_less_coherent=int((one["coherence_change"] < 0).sum()),
             space_alone=float(np.where(one["coherence_change"] > 0, one["join"],
-                                       one["K"]).mean()))
+                                       one["K"]).mean()),
+            # the check until 2026-12-07, night: the join kept if better on either count
+            either_count=float(np.where((one["coherence_change"] > 0)
+                                        | (one["distinct_change"] > 0), one["join"],
+                                        one["K"]).mean()))
         print(f"{method}: " + ", ".join(f"{rule} {v['mean']:.3f} ± {v['sd']:.3f}" for rule, v
                                         in summary[method].items() if isinstance(v, dict))
               + f"; join kept on {summary[method]['join_kept']} of {len(one)}, less coherent "
               f"on {summary[method]['join_less_coherent']}; the rule of space alone would "
-              f"score {summary[method]['space_alone']:.3f}")
-    write_result(f"cross_platform_check_{tag}", {"plan": plan, "seeds": seeds, "rows": rows,
-                                                 "summary": summary})
+              f"score {summary[method]['space_alone']:.3f}, the check before (either "
+              f"count) {summary[method]['either_count']:.3f}")
+    write_result(name or f"cross_platform_check_{tag}",
+                 {"plan": plan, "seeds": seeds, "rows": rows, "summary": summary})
 
 
 def main() -> None:
@@ -263,6 +268,8 @@ def main() -> None:
         c.add_argument("--tag", required=True)
         c.add_argument("--seeds", default="0-9")
         c.add_argument("--store", type=Path, required=True)
+    sub.choices["check"].add_argument("--name", default=None,
+                                      help="result file (default cross_platform_check_TAG)")
     args = parser.parse_args()
     if args.what == "make":
         make(args.folder, args.split_seed, args.efficiency_sd, args.response, args.depth,
@@ -272,7 +279,7 @@ def main() -> None:
     elif args.what == "screen":
         screen(args.plan, args.tag, seed_list(args.seeds), args.store)
     else:
-        check(args.plan, args.tag, seed_list(args.seeds), args.store)
+        check(args.plan, args.tag, seed_list(args.seeds), args.store, args.name)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def main() -> None:
         return mapping[resp.argmax(axis=1)]
 
     def checked(k_labels: np.ndarray, joined: np.ndarray) -> np.ndarray:
-        kept, _, _ = cluster.join_kept(adj, adata.obsm["X_pca"], k_labels, joined, k, rows=order)
+        kept, _ = cluster.join_kept(adj, adata.obsm["X_pca"], k_labels, joined, k, rows=order)
         return joined if kept else k_labels
 
     rows = []

@@ -237,8 +237,8 @@ RUN_KEYS = {"batch_key", "label_key", "slice_column", "n_domains", "cluster_meth
 @click.option("--n-components", default=None, metavar="auto|K|M",
               help="Mixture components of the domain caller, joined into K domains where "
                    "both the expression and the embedding call them alike: 'auto' = K and "
-                   "2 K, keeping K only if the join is both patchier in space and less "
-                   "distinct in expression; "
+                   "2 K, keeping the one the caller's own model (expression and spatial "
+                   "prior) scores higher; "
                    "a number M > K: always joined; 'K' = K components, no merge (see "
                    "benchmarks/README.md) [auto].")
 @click.option("--context-weight", type=click.FloatRange(min=0), default=None,

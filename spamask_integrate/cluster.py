@@ -12,8 +12,8 @@ import scipy.sparse as sp
 
 from .config import Keys
 from .errors import ConfigError, InputError
-from .mixture import (KEEP_STARTS, MCLUST_MODELS, N_COMPONENTS, N_STARTS, fisher_ratios,
-                      fit_gmm, medoid_start, merge_components, neighbour_share, potts_em)
+from .mixture import (KEEP_STARTS, MCLUST_MODELS, N_COMPONENTS, N_STARTS, fit_gmm,
+                      medoid_start, merge_components, neighbour_share, partition_fits, potts_em)
 from .utils import batch_codes, record, require_obsm
 
 logger = logging.getLogger(__name__)
@@ -72,22 +72,25 @@ def cluster(
         domains, a pair at a time, where both ``obsm[merge_rep]`` (the model input) and
         ``obsm[use_rep]`` call them alike (Ward's criterion under each view's pooled
         within-component covariance; :func:`~spamask_integrate.mixture.merge_components`).
-        ``"auto"`` (default): fit both K components and 2 K joined into K, and keep the K
-        components only if the join loses on both counts: its domains are patchier in space
-        (a smaller share of same-slice neighbour pairs in one domain, :func:`pair_coherence`)
-        and less distinct in expression (a smaller Fisher ratio in ``obsm[merge_rep]``,
-        :func:`~spamask_integrate.mixture.fisher_ratio`); a join kept on expression alone
-        (patchier in space) logs a warning naming ``n_components=K`` to compare, since
-        where slices cover different parts of a tissue such joins have cost accuracy
-        (benchmarks/README.md, "When the second platform covers only part of the
-        tissue"). K components without
-        ``obsm[merge_rep]`` or a spatial graph. A number M: M components, always joined. ``None``: K components, no merge. Why: a
-        smoothed embedding's thick layers are cut into slabs by K components, which the
-        join repairs (the slabs of one layer share their expression, so the joined domains
-        differ more in it); where the 2 K components do not follow the domains (noisy,
-        weakly separated ones), a component that mixes domains is joined whole into one,
-        and the map gets patchier and the domains less distinct (benchmarks/README.md,
-        "The join kept unless it loses in space and in expression").
+        ``"auto"`` (default): fit both K components and 2 K joined into K, and keep the
+        partition the caller's own model scores higher in ``obsm[merge_rep]``
+        (:func:`join_kept`): each spot's log-likelihood under the Gaussian mixture of one
+        shared covariance fitted to the partition, plus ``spatial_prior`` times the share
+        of its same-slice neighbours in its domain. So a join is kept where it explains
+        the expression better by more than the prior charges for a patchier map; one
+        kept although patchier (fewer same-slice neighbour pairs in one domain,
+        :func:`pair_coherence`) logs a warning naming ``n_components=K`` to compare,
+        since where slices cover
+        different parts of a tissue such joins have cost accuracy (benchmarks/README.md,
+        "When the second platform covers only part of the tissue"). K components without
+        ``obsm[merge_rep]`` or a spatial graph. A number M: M components, always joined.
+        ``None``: K components, no merge. Why: a smoothed embedding's thick layers are cut
+        into slabs by K components, which the join repairs (the slabs of one layer share
+        their expression, so the joined domains fit it far better); where the 2 K
+        components do not follow the domains (noisy, weakly separated ones, or a large
+        region cut along its own spread of expression), the join's map is patchier and
+        its expression fit gains too little to pay for that (benchmarks/README.md, "The
+        join kept where the caller's own model scores it higher").
     refine
         Relabel each spot by majority vote of its spatial neighbours in its own slice
         (``obs[key_added + "_unrefined"]`` keeps the labels before).
@@ -131,7 +134,7 @@ def cluster(
                       bic=np.asarray(bic))
         logger.info("cluster: K=%d estimated by BIC over %s", n_domains, k_range)
     n_domains = int(n_domains)
-    check = False  # auto: fit K and 2 K, keep K only if the join loses on both counts
+    check = False  # auto: fit K and 2 K, keep the one the caller's model scores higher
     if auto:
         n_components = None
         has_space = Keys.CONNECTIVITIES in adata.obsp or Keys.SPATIAL in adata.obsm
@@ -170,28 +173,30 @@ def cluster(
                             "obsm[%r] and obsm[%r] both call them alike", m, n_domains,
                             merge_rep, use_rep)
             fits.append((labels, info))
-        if check:  # keep K components only if the join loses in space and in expression
+        if check:  # keep the partition the caller's own model scores higher
             (k_labels, k_info), (m_labels, m_info) = fits
-            keep_merge, coherence, distinct = join_kept(adj, adata.obsm[merge_rep], k_labels,
-                                                        m_labels, n_domains, rows=order)
+            keep_merge, fit = join_kept(adj, adata.obsm[merge_rep], k_labels, m_labels,
+                                        n_domains, beta=float(spatial_prior), rows=order)
             labels, info = (m_labels, m_info) if keep_merge else (k_labels, k_info)
-            info.update(merge_checked=True, merge_kept=bool(keep_merge),
-                        coherence_k=coherence[0], coherence_merged=coherence[1],
-                        distinct_k=distinct[0], distinct_merged=distinct[1])
-            logger.info("cluster: with %d components / %d joined, same-slice neighbours share "
-                        "a domain %.4f / %.4f of the time, and the domains' expression "
-                        "differs by %.3f / %.3f (Fisher ratio in obsm[%r]): keeping the %s",
-                        n_domains, n_fit, coherence[0], coherence[1], distinct[0],
-                        distinct[1], merge_rep,
+            info.update(merge_checked=True, merge_kept=bool(keep_merge))
+            for name, pair in fit.items():
+                info.update({f"{name}_k": pair[0], f"{name}_merged": pair[1]})
+            coherence = fit["coherence"]
+            logger.info("cluster: with %d components / %d joined, a spot scores %.4f / %.4f "
+                        "under the caller's model in obsm[%r] (log-likelihood %.4f / %.4f, "
+                        "plus %g x its neighbours' share in its domain, %.4f / %.4f): keeping "
+                        "the %s", n_domains, n_fit, *fit["score"], merge_rep, *fit["loglik"],
+                        spatial_prior, *fit["neighbours"],
                         "joined components" if keep_merge else f"{n_domains} components")
             if keep_merge and coherence[1] < coherence[0]:
                 logger.warning(
-                    "cluster: the joined domains were kept on expression alone: they are "
-                    "patchier in space than the %d components' (same-slice neighbours in one "
-                    "domain %.4f against %.4f). Where slices cover different parts of a "
-                    "tissue such a join has cost accuracy; compare n_components=%d "
+                    "cluster: the joined domains were kept although they are patchier in "
+                    "space than the %d components' (same-slice neighbours in one domain "
+                    "%.4f against %.4f): their expression fits obsm[%r] better by more than "
+                    "spatial_prior=%g charges for that. Where slices cover different parts "
+                    "of a tissue such a join has cost accuracy; compare n_components=%d "
                     "(`--n-components %d`)", n_domains, coherence[1], coherence[0],
-                    n_domains, n_domains)
+                    merge_rep, spatial_prior, n_domains, n_domains)
         else:
             labels, info = fits[0]
         params.update(gmm_model=gmm_model, **info)
@@ -352,14 +357,31 @@ def pair_coherence(adj: sp.spmatrix, labels: np.ndarray) -> float:
 
 
 def join_kept(adj: sp.spmatrix, view, k_labels: np.ndarray, joined: np.ndarray, k: int, *,
-              rows: np.ndarray | None = None) -> tuple[bool, list[float], list[float]]:
-    """The check of ``n_components="auto"``: keep the ``joined`` domains unless they lose to
-    the K components' ``k_labels`` on both counts, pair coherence over ``adj`` and the Fisher
-    ratio in ``view`` (the model input; ``rows`` maps the labels' order to its rows).
-    Returns whether the join is kept, and both partitions' coherence and Fisher ratios."""
-    coherence = [pair_coherence(adj, k_labels), pair_coherence(adj, joined)]
-    distinct = fisher_ratios(view, [k_labels, joined], k, rows=rows)
-    return coherence[1] > coherence[0] or distinct[1] > distinct[0], coherence, distinct
+              beta: float = SPATIAL_PRIOR, rows: np.ndarray | None = None
+              ) -> tuple[bool, dict[str, list[float]]]:
+    """The check of ``n_components="auto"``: of the K components' ``k_labels`` and the
+    ``joined`` domains, keep the partition the caller's own model scores higher.
+
+    Each spot is scored as the spatial (Potts) EM scores a domain for it: the log-likelihood
+    of its row of ``view`` (the model input; ``rows`` maps the labels' order to its rows)
+    under the Gaussian mixture of one shared covariance fitted to the partition, plus
+    ``beta`` (the caller's ``spatial_prior``) times the share of its same-slice neighbours
+    in ``adj`` that are in its domain; the partition's score is the mean over spots. The
+    join is kept only if it scores higher. Returns that, and for both partitions (K, joined)
+    ``score`` and its two terms ``loglik`` and ``neighbours``, ``coherence``
+    (:func:`pair_coherence`) and ``distinct`` (the Fisher ratio in ``view``)."""
+    partitions = [k_labels, joined]
+    fits = partition_fits(view, partitions, k, rows=rows)
+    share = neighbour_share(adj)
+    coo = share.tocoo()
+    n = max(len(k_labels), 1)
+    neighbours = [float(np.sum(coo.data * (p[coo.row] == p[coo.col]))) / n for p in partitions]
+    loglik = [f[1] for f in fits]
+    score = [ll + beta * s for ll, s in zip(loglik, neighbours)]
+    return score[1] > score[0], {
+        "score": score, "loglik": loglik, "neighbours": neighbours,
+        "coherence": [pair_coherence(adj, p) for p in partitions],
+        "distinct": [f[0] for f in fits]}
 
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:

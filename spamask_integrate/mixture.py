@@ -23,7 +23,7 @@ Why each piece (measured on the four DLPFC slices, benchmarks/README.md):
   of overruling it afterwards as a majority vote does, so noisy single cells are pulled
   towards their neighbourhood's domain while clear spots keep their own.
 - **More components than domains, joined where two views agree** (:func:`merge_components`),
-  **kept unless the join loses in space and in expression** (the default,
+  **kept where the caller's own model scores the join higher** (the default,
   ``n_components="auto"``). A spatially smoothed embedding turns a thick layer into a long,
   even stretch, and a K-component mixture cuts such stretches into slabs of one width: on
   DLPFC it splits L6 and L3 and gives the thin L2 and L4 no domain of their own. Fitted with
@@ -35,12 +35,15 @@ Why each piece (measured on the four DLPFC slices, benchmarks/README.md):
   DLPFC 0.622 and osmFISH 0.682, against 0.578 and 0.691 with K components. Where the 2 K
   components do not follow the domains (tests/test_shard.py's noisy planted domains: one
   slice 0.67 -> 0.46) a component that mixes domains is joined whole into one of them, and
-  the joined domains are both patchier in space and less distinct in expression than the K
-  components'. So the caller fits both and keeps the K components only when the join loses
-  on both counts (over the same 30 seeds DLPFC 0.620, the join kept on 28; osmFISH 0.689,
-  kept on 21; K components on the noisy synthetic slices). Either signal alone fails
-  somewhere: slabs of a straight gradient have straight edges, so the space alone keeps
-  them (tests/test_cluster.py's ``smooth_layers``), and the expression alone lowers osmFISH.
+  the map gets patchier for little gain in expression. So the caller fits both and keeps
+  the partition its own model scores higher: each spot's log-likelihood in ``X_pca`` under
+  the EEE mixture fitted to the partition plus ``beta`` times its neighbours' share in its
+  domain (:func:`partition_fits`, ``cluster.join_kept``). Neither signal alone will do:
+  slabs of a straight gradient have straight edges, so the space alone keeps them
+  (tests/test_cluster.py's ``smooth_layers``), and the expression alone lowers osmFISH;
+  asking only for the sign of each (the check until 2026-12-07, night) kept joins that cut
+  a large region along its own spread of expression where slices cover different parts of
+  a tissue (benchmarks/README.md).
 
 Cost is linear in spots: the starts are fitted on a seeded sample of at most ``fit_spots``,
 the medoid is chosen on at most ``consensus_spots``, and the spatial EM is sparse (one pass
@@ -68,10 +71,10 @@ N_STARTS = 120
 KEEP_STARTS = 0.75
 #: mixture components before they are joined into the K domains. "auto" (the default since
 #: 2026-12-07): fit K and 2 K, join the 2 K where both the model input and the caller's input
-#: call them alike (:func:`merge_components`), and keep the K components only if the joined
-#: domains are both patchier in space and less distinct in the model input
-#: (benchmarks/README.md, "The join kept unless it loses in space and in expression"); an
-#: integer M: M components, always joined; None: K, no merge.
+#: call them alike (:func:`merge_components`), and keep the partition the caller's own model
+#: (the mixture in the model input and the Potts prior) scores higher (since 2026-12-07,
+#: night; benchmarks/README.md, "The join kept where the caller's own model scores it
+#: higher"); an integer M: M components, always joined; None: K, no merge.
 N_COMPONENTS = "auto"
 
 
@@ -369,6 +372,18 @@ def fisher_ratios(view, partitions: list[np.ndarray], k: int, *,
                   rows: np.ndarray | None = None, chunk: int = 100_000) -> list[float]:
     """:func:`fisher_ratio` of each of several partitions, from one pass over ``view`` (the
     Gram matrix is the same for all)."""
+    return [f for f, _ in partition_fits(view, partitions, k, rows=rows, chunk=chunk)]
+
+
+def partition_fits(view, partitions: list[np.ndarray], k: int, *,
+                   rows: np.ndarray | None = None,
+                   chunk: int = 100_000) -> list[tuple[float, float]]:
+    """How well each of several hard partitions (labels 0..k-1) of the same spots fits
+    ``view`` (spots x features, e.g. the model input), from one pass over it: its Fisher
+    ratio (:func:`fisher_ratio`) and its mean log-likelihood per spot under the Gaussian
+    mixture of one shared covariance (mclust's EEE) fitted to it as it stands (the
+    classification likelihood: each domain's share, mean and the pooled within-domain
+    covariance, ridge 1e-6 of its mean variance). ``rows`` as in :func:`fisher_ratio`."""
     n = len(partitions[0])
     onehot = np.zeros((n, k * len(partitions)))
     for i, labels in enumerate(partitions):
@@ -379,9 +394,14 @@ def fisher_ratios(view, partitions: list[np.ndarray], k: int, *,
         part = slice(i * k, (i + 1) * k)
         nk = onehot[:, part].sum(axis=0) + 1e-12
         means, cov = pooled_moments(sums[part], gram, nk, n, 1e-6)
+        within = (gram - (means.T * nk) @ means) / n  # the same, without the ridge
+        prec = np.linalg.inv(cov)
         centred = means - (nk / n) @ means
-        out.append(float(np.einsum("ki,ij,kj,k->", centred, np.linalg.inv(cov), centred,
-                                   nk / n)))
+        fisher = float(np.einsum("ki,ij,kj,k->", centred, prec, centred, nk / n))
+        loglik = float(np.sum(nk / n * np.log(nk / n)) - 0.5 * (
+            len(cov) * np.log(2 * np.pi) + np.linalg.slogdet(cov)[1]
+            + np.trace(prec @ within)))
+        out.append((fisher, loglik))
     return out
 
 

@@ -103,15 +103,20 @@ def test_merge_recovers_thin_layers_a_smooth_embedding_runs_together(smooth_laye
             info = a.uns["spamask"]["cluster"]
             assert info["n_components"] == 8 and info["merge_rep"] == "X_pca"
             assert info["merge_fitted"] == "X_emb"
-            # kept: the joined domains differ more in expression. (Not in space: the slabs
-            # of this straight gradient have straight edges, so the check needs both.)
+            # kept: the caller's model scores the joined domains higher, their expression
+            # fitting far better; in space they lose a little (the slabs of this straight
+            # gradient have straight edges)
             assert info["merge_checked"] and info["merge_kept"]
+            assert info["score_merged"] > info["score_k"]
+            assert info["loglik_merged"] - info["loglik_k"] > 0.5
+            assert info["neighbours_merged"] < info["neighbours_k"]
             assert info["distinct_merged"] > info["distinct_k"]
             assert info["coherence_merged"] < info["coherence_k"]
+            assert info["score_merged"] == pytest.approx(
+                info["loglik_merged"] + info["spatial_prior"] * info["neighbours_merged"])
             assert a.obs["domain"].nunique() == 4
-    # kept on expression alone, so each call tells the user that space pointed the other
-    # way, and what to compare
-    told = [m for m in warned if "kept on expression alone" in m]
+    # kept although patchier in space, so each call tells the user so, and what to compare
+    told = [m for m in warned if "kept although they are patchier" in m]
     assert len(told) == 2 and all("n_components=4" in m for m in told)
     # without the model input to join them in, "auto" fits K components
     b = a.copy()
@@ -123,8 +128,8 @@ def test_merge_recovers_thin_layers_a_smooth_embedding_runs_together(smooth_laye
     assert a.obs["domain"].nunique() == 4
 
 
-def test_auto_keeps_k_components_where_the_join_loses_in_space_and_expression(smooth_layers,
-                                                                            monkeypatch):
+def test_auto_keeps_k_components_where_the_model_scores_the_join_lower(smooth_layers,
+                                                                     monkeypatch):
     import importlib
 
     a, truth = smooth_layers
@@ -137,9 +142,10 @@ def test_auto_keeps_k_components_where_the_join_loses_in_space_and_expression(sm
     monkeypatch.setattr(module, "merge_components", scrambled)
     with logged_warnings("spamask_integrate.cluster") as warned:
         si.cluster(a, 4, use_rep="X_emb", seed=0)
-    assert not [m for m in warned if "kept on expression alone" in m]
+    assert not [m for m in warned if "patchier" in m]
     info = a.uns["spamask"]["cluster"]
     assert info["merge_checked"] and not info["merge_kept"]
+    assert info["score_merged"] < info["score_k"]
     assert info["coherence_merged"] < info["coherence_k"]
     assert info["distinct_merged"] < info["distinct_k"]
     assert info["n_components"] == 4 and info["merge_rep"] == ""
@@ -163,6 +169,63 @@ def test_pair_coherence_counts_neighbour_pairs_in_one_domain():
     assert pair_coherence(adj, np.array([0, 0, 1, 1])) == pytest.approx(2 / 3)
     assert pair_coherence(adj, np.array([0, 1, 0, 1])) == 0.0
     assert pair_coherence(sp.csr_matrix((4, 4)), np.zeros(4, int)) == 1.0
+
+
+def test_join_kept_weighs_a_patchier_map_against_the_expression_it_explains():
+    import scipy.sparse as sp
+
+    from spamask_integrate.cluster import join_kept, pair_coherence
+    from spamask_integrate.mixture import fisher_ratios
+
+    # one 40 x 40 slice: domain 0 the left half, with a weak gradient of feature 0 along y
+    # and its own noise; domains 1 and 2 two strips on the right that differ a little
+    rng = np.random.default_rng(0)
+    xs, ys = np.meshgrid(np.arange(40), np.arange(40))
+    x, y = xs.ravel(), ys.ravel()
+    truth = np.where(x < 20, 0, np.where(x < 30, 1, 2))
+    view = rng.normal(0, 1, (1600, 6))
+    view[:, 1] += 6 * (truth > 0) + 0.6 * (truth == 2)
+    view[:, 0] += np.where(truth == 0, y / 20, 0)
+    d2 = (x[:, None] - x[None]) ** 2 + (y[:, None] - y[None]) ** 2
+    adj = sp.csr_matrix((d2 == 1).astype(float))  # the 4 grid neighbours
+    # the 2 K fit's signature where slices cover different parts of a tissue: the large
+    # domain cut along its own spread of expression (here spot by spot, so the cut is
+    # ragged), the two similar small ones joined
+    cut = np.where(truth == 0, (view[:, 0] > np.median(view[truth == 0, 0])).astype(int),
+                   2)
+    kept, fit = join_kept(adj, view, truth, cut, 3)
+    assert fit["distinct"][1] > fit["distinct"][0]  # more distinct in expression ...
+    assert fit["loglik"][1] > fit["loglik"][0]
+    assert fit["coherence"][1] < fit["coherence"][0] - 0.1  # ... and far patchier in space
+    assert not kept and fit["score"][1] < fit["score"][0]
+    assert fit["coherence"] == [pair_coherence(adj, truth), pair_coherence(adj, cut)]
+    assert fit["distinct"] == pytest.approx(fisher_ratios(view, [truth, cut], 3))
+    # without a spatial prior the expression decides alone, and keeps the cut
+    assert join_kept(adj, view, truth, cut, 3, beta=0.0)[0]
+    # the same domain cut in two halves along a straight line costs little in space (less
+    # than joining the two strips saves): the join is kept
+    straight = np.where(truth == 0, (y >= 20).astype(int), 2)
+    assert join_kept(adj, view, truth, straight, 3)[0]
+
+
+def test_partition_loglik_is_the_fitted_gaussian_mixture_of_the_hard_labels():
+    from scipy.stats import multivariate_normal
+
+    from spamask_integrate.mixture import partition_fits
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), [100, 200, 300])
+    view = rng.normal(0, 1, (600, 3)) + 3 * np.eye(3)[labels]
+    share = np.bincount(labels) / 600
+    means = np.stack([view[labels == g].mean(axis=0) for g in range(3)])
+    cov = np.cov((view - means[labels]).T, bias=True)
+    expected = np.mean(np.log(share[labels]) + [
+        multivariate_normal(means[g], cov).logpdf(v) for v, g in zip(view, labels)])
+    (fisher, loglik), = partition_fits(view, [labels], 3)
+    assert loglik == pytest.approx(expected, rel=1e-5)
+    rows = rng.permutation(600)  # label i belongs to row rows[i], read in chunks
+    (_, again), = partition_fits(view, [labels[rows]], 3, rows=rows, chunk=77)
+    assert again == pytest.approx(loglik, rel=1e-9)
 
 
 def test_fisher_ratio_reads_how_distinct_the_domains_are():
